@@ -1,0 +1,245 @@
+"""Learning from a few markers.
+
+A marker is a circle around one defect, larger than the defect. Inside it, the dust is
+what differs from the local background (median background, per-channel difference, Otsu
+inside the circle), joined with what the base model already calls dust there. The rest of
+the circle is clean. Outside the circles most pixels are unlabeled — unmarked dust is
+everywhere — so they are ignored, except pixels the base model finds clearly clean, which
+serve as weak negatives. "Not dust" markers are hard negatives.
+
+transfer: the pretrained encoder is frozen (weights and BatchNorm statistics); its features
+for every training crop are computed once, and only bottleneck + decoder + head train.
+scratch: a fresh model, every layer trained from random initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from ..imageio import color_rgb, to_float
+from .losses import dust_loss
+from .unet import DustUNet
+
+Marker = tuple[float, float, float]  # x, y, r in image pixels
+
+
+class NoMarkers(ValueError):
+    pass
+
+
+@dataclass
+class FineTuneConfig:
+    crop: int = 128
+    offsets_per_marker: int = 2
+    negative_crops: int = 12
+    batch: int = 16
+    lr: float = 1e-3
+    steps_transfer: int = 120
+    steps_scratch: int = 400
+    min_steps: int = 30
+    patience: int = 20          # stop when the smoothed loss has not improved for this many steps
+    seed: int = 0
+
+
+@dataclass
+class FineTuneResult:
+    model: DustUNet
+    threshold: float
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def _crop(img: np.ndarray, cy: int, cx: int, size: int) -> tuple[np.ndarray, int, int]:
+    """A size×size window around (cy, cx), shifted to stay inside; reflect-padded if small."""
+    h, w = img.shape[:2]
+    y0 = int(np.clip(cy - size // 2, 0, max(0, h - size)))
+    x0 = int(np.clip(cx - size // 2, 0, max(0, w - size)))
+    win = img[y0:y0 + size, x0:x0 + size]
+    if win.shape[0] < size or win.shape[1] < size:
+        pad = ((0, size - win.shape[0]), (0, size - win.shape[1])) + ((0, 0),) * (win.ndim - 2)
+        win = np.pad(win, pad, mode="reflect" if min(win.shape[:2]) > 1 else "edge")
+    return win, y0, x0
+
+
+def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def dust_inside_marker(rgb: np.ndarray, cy: float, cx: float, r: float,
+                       base_prob: np.ndarray | None = None) -> np.ndarray:
+    """Which pixels inside the circle are dust (bool, same shape as the crop)."""
+    disc = _disc(rgb.shape[:2], cy, cx, r)
+    k = int(min(31, max(5, 2 * round(r) + 1)))
+    k += 1 - k % 2
+    bg = cv2.medianBlur(np.ascontiguousarray((rgb * 255).clip(0, 255).astype(np.uint8)), k)
+    diff = np.abs(rgb - bg.astype(np.float32) / 255).max(axis=2)
+    vals = diff[disc]
+    dust = np.zeros(disc.shape, bool)
+    if vals.size and vals.max() > 0.015:
+        v8 = np.clip(vals / vals.max() * 255, 0, 255).astype(np.uint8)
+        t, _ = cv2.threshold(v8.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        thr = max(0.015, t / 255 * vals.max())
+        dust = disc & (diff > thr)
+    if base_prob is not None:
+        dust |= disc & (base_prob > 0.5)
+    if not dust.any():  # nothing stands out: trust the user, take the core of the circle
+        dust = _disc(rgb.shape[:2], cy, cx, max(1.0, r / 3))
+    return dust
+
+
+def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    out = np.rot90(a, k % 4, axes=(0, 1))
+    return out[:, ::-1] if k >= 4 else out
+
+
+def build_training_set(base: DustUNet | None, image: np.ndarray, order: str,
+                       dust: list[Marker], not_dust: list[Marker], cfg: FineTuneConfig,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """Crops (N,3,C,C), targets and weights (N,1,C,C); plus per-marker crops for calibration."""
+    rng = np.random.default_rng(cfg.seed)
+    h, w = image.shape[:2]
+    C = cfg.crop
+    centres = []
+    for (x, y, _r) in dust:
+        for j in range(cfg.offsets_per_marker):
+            jit = 0 if j == 0 else C // 4
+            centres.append((int(y + rng.integers(-jit, jit + 1)), int(x + rng.integers(-jit, jit + 1)), True))
+    for (x, y, _r) in not_dust:
+        centres.append((int(y), int(x), True))
+    for _ in range(cfg.negative_crops):
+        centres.append((int(rng.integers(0, h)), int(rng.integers(0, w)), False))
+
+    xs, ts, ws, calib = [], [], [], []
+    for ci, (cy, cx, _near) in enumerate(centres):
+        win, y0, x0 = _crop(image, cy, cx, C)
+        rgb = to_float(np.ascontiguousarray(color_rgb(win, order)))
+        prob = None
+        if base is not None:
+            with torch.inference_mode():
+                t = torch.from_numpy(rgb.transpose(2, 0, 1)[None].copy()).to(device)
+                prob = torch.sigmoid(base(t))[0, 0].float().cpu().numpy()
+        target = np.zeros((C, C), np.float32)
+        weight = np.zeros((C, C), np.float32)
+        # weak negatives: clearly clean pixels
+        if prob is not None:
+            weight[prob < 0.1] = 0.1
+        else:
+            bg = cv2.medianBlur(np.ascontiguousarray((rgb * 255).astype(np.uint8)), 7)
+            weight[np.abs(rgb - bg / 255.0).max(axis=2) < 0.02] = 0.1
+        for (x, y, r) in dust:
+            lx, ly = x - x0, y - y0
+            if -r <= lx < C + r and -r <= ly < C + r:
+                disc = _disc((C, C), ly, lx, r)
+                d = dust_inside_marker(rgb, ly, lx, r, prob)
+                ring = _disc((C, C), ly, lx, 1.5 * r) & ~disc
+                if prob is not None:
+                    ring &= prob < 0.3
+                weight[ring] = np.maximum(weight[ring], 0.5)
+                weight[disc] = 1.0
+                target[d] = 1.0
+                if ci % cfg.offsets_per_marker == 0 and ci < len(dust) * cfg.offsets_per_marker:
+                    calib.append((rgb, disc))
+        for (x, y, r) in not_dust:
+            lx, ly = x - x0, y - y0
+            disc = _disc((C, C), ly, lx, r)
+            weight[disc] = 2.0
+            target[disc] = 0.0
+        for k in range(8):
+            xs.append(_dihedral(rgb, k).transpose(2, 0, 1))
+            ts.append(_dihedral(target, k)[None])
+            ws.append(_dihedral(weight, k)[None])
+    return (torch.from_numpy(np.ascontiguousarray(np.stack(xs))),
+            torch.from_numpy(np.ascontiguousarray(np.stack(ts))),
+            torch.from_numpy(np.ascontiguousarray(np.stack(ws))), calib)
+
+
+@torch.inference_mode()
+def calibrate_threshold(model: DustUNet, calib: list, device: torch.device, default: float = 0.5) -> float:
+    """Low enough that every marked spot is found, never above ``default``."""
+    peaks = []
+    for rgb, disc in calib:
+        t = torch.from_numpy(rgb.transpose(2, 0, 1)[None].copy()).to(device)
+        prob = torch.sigmoid(model(t))[0, 0].float().cpu().numpy()
+        peaks.append(float(prob[disc].max()))
+    if not peaks:
+        return default
+    return float(np.clip(0.7 * min(peaks), 0.1, default))
+
+
+def fine_tune(base: DustUNet, image: np.ndarray, order: str, dust: list[Marker],
+              not_dust: list[Marker] | None = None, mode: str = "transfer",
+              device: torch.device | str = "cpu", cfg: FineTuneConfig | None = None,
+              progress: Callable[[float, float], None] | None = None,
+              check_cancel: Callable[[], None] | None = None) -> FineTuneResult:
+    """Fine-tune on the markers; returns a new model (``base`` is left as it was)."""
+    if mode not in ("transfer", "scratch"):
+        raise ValueError(f"mode must be 'transfer' or 'scratch', not {mode!r}")
+    if not dust:
+        raise NoMarkers("fine-tuning needs at least one dust marker")
+    cfg = cfg or FineTuneConfig()
+    not_dust = not_dust or []
+    device = torch.device(device)
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    base.eval()
+    x, target, weight, calib = build_training_set(base if mode == "transfer" else None, image, order,
+                                                  dust, not_dust, cfg, device)
+    x, target, weight = x.to(device), target.to(device), weight.to(device)
+    n = x.shape[0]
+
+    if mode == "transfer":
+        model = copy.deepcopy(base).to(device)
+        model.freeze_encoder()
+        with torch.inference_mode():
+            feats = [f.clone() for f in model.encode(x)]  # computed once, reused every step
+        model.decoder.eval()  # keep the pretrained BatchNorm statistics; affine params still learn
+        params = list(model.decoder.parameters())
+        steps = cfg.steps_transfer
+    else:
+        model = DustUNet(base.cfg).to(device)
+        model.train()
+        params = list(model.parameters())
+        steps = cfg.steps_scratch
+        feats = None
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    best, since_best, ema = float("inf"), 0, None
+    step = 0
+    for step in range(1, steps + 1):
+        if check_cancel:
+            check_cancel()
+        idx = torch.randperm(n, generator=gen)[:cfg.batch].to(device)
+        if feats is not None:
+            logits = model.decoder(*(f[idx] for f in feats))
+        else:
+            logits = model(x[idx])
+        loss = dust_loss(logits, target[idx], weight[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lv = float(loss.detach())
+        losses.append(lv)
+        ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+        if ema < best * 0.99:
+            best, since_best = ema, 0
+        else:
+            since_best += 1
+        if progress:
+            progress(step / steps, lv)
+        if step >= cfg.min_steps and since_best >= cfg.patience:
+            break
+    model.eval()
+    if mode == "transfer":
+        model.freeze_encoder()
+    threshold = calibrate_threshold(model, calib, device)
+    return FineTuneResult(model, threshold, losses, time.monotonic() - t0, step)

@@ -1,0 +1,443 @@
+"""The healdust daemon: a ZeroMQ ROUTER, a fair job queue and one worker that owns the models.
+
+The I/O loop (the thread that calls ``Server.serve``) validates every message, answers
+``hello``, ``status``, ``cancel`` and ``models.*`` itself, and queues ``heal``, ``detect``
+and ``inpaint`` jobs. The worker thread runs them one at a time on the warm models and
+sends its progress events and final replies back to the I/O loop through an inproc socket,
+so only the I/O thread ever touches the ROUTER.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+import time
+import traceback
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+import zmq
+
+from . import __version__
+from .model.weights_io import WeightsError
+from .pipeline import Cancelled, JobError, JobSpec, Pipeline
+from .protocol import codec
+from .protocol.codec import ImageDesc, Limits, ProtocolError
+from .store import ModelNotFound
+
+log = logging.getLogger("healdust.daemon")
+
+NP_DTYPES = {"u8": np.dtype("u1"), "u16": np.dtype("<u2"), "f16": np.dtype("<f2"), "f32": np.dtype("<f4")}
+PROTO_DTYPES = {np.dtype("u1"): "u8", np.dtype("<u2"): "u16", np.dtype("<f2"): "f16", np.dtype("<f4"): "f32"}
+JOB_TYPES = ("heal", "detect", "inpaint")
+PROGRESS_INTERVAL = 0.1  # s between progress events of one job (stage changes always go)
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def image_from_frame(desc: ImageDesc, buf) -> np.ndarray:
+    """An HxWxC array of the frame's pixels: a read-only view when rows are packed."""
+    dt = NP_DTYPES[desc.dtype]
+    shape = (desc.height, desc.width, desc.channels)
+    if desc.stride == desc.row_bytes:
+        return np.frombuffer(buf, dtype=dt, count=desc.width * desc.height * desc.channels).reshape(shape)
+    raw = np.frombuffer(buf, dtype=np.uint8, count=desc.min_bytes)
+    rows = np.lib.stride_tricks.as_strided(raw, shape=(desc.height, desc.row_bytes),
+                                           strides=(desc.stride, 1), writeable=False)
+    return np.ascontiguousarray(rows).view(dt).reshape(shape)
+
+
+def image_reply(arr: np.ndarray, order: str, frame: int) -> tuple[dict, np.ndarray]:
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    dt = np.dtype(arr.dtype).newbyteorder("<") if arr.dtype.itemsize > 1 else np.dtype("u1")
+    arr = arr.astype(dt, copy=False)
+    desc = ImageDesc.packed(arr.shape[1], arr.shape[0], order, PROTO_DTYPES[dt], frame)
+    return desc.to_dict(), arr
+
+
+@dataclass
+class Job:
+    client: bytes
+    rid: str
+    kind: str
+    spec: JobSpec
+    cancel: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class FairQueue:
+    """Jobs per client, taken round-robin across clients."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self._by_client: OrderedDict[bytes, deque[Job]] = OrderedDict()
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._by_client.values())
+
+    def put(self, job: Job) -> int:
+        """Queue ``job``; returns how many jobs are ahead of it. Raises ProtocolError(busy)."""
+        with self._cv:
+            total = sum(len(q) for q in self._by_client.values())
+            mine = self._by_client.get(job.client)
+            if total >= self.limits.max_queue or (mine and len(mine) >= self.limits.max_queue_per_client):
+                raise ProtocolError("busy", f"the daemon is busy ({total} jobs queued); try again later",
+                                    job.rid)
+            self._by_client.setdefault(job.client, deque()).append(job)
+            self._cv.notify()
+            return total
+
+    def get(self, timeout: float = 0.2) -> Job | None:
+        with self._cv:
+            if not self._by_client and not self._closed:
+                self._cv.wait(timeout)
+            if not self._by_client:
+                return None
+            client, q = next(iter(self._by_client.items()))
+            job = q.popleft()
+            del self._by_client[client]
+            if q:  # the client goes to the back of the line
+                self._by_client[client] = q
+            return job
+
+    def remove(self, client: bytes, rid: str | None = None) -> list[Job]:
+        """Take out one client's queued job ``rid`` (or all of them)."""
+        with self._cv:
+            q = self._by_client.get(client)
+            if not q:
+                return []
+            gone = [j for j in q if rid is None or j.rid == rid]
+            for j in gone:
+                q.remove(j)
+            if not q:
+                del self._by_client[client]
+            return gone
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+class Server:
+    def __init__(self, endpoint: str, pipeline: Pipeline, limits: Limits | None = None):
+        self.endpoint = endpoint
+        self.pipeline = pipeline
+        self.limits = limits or codec.DEFAULT_LIMITS
+        self.queue = FairQueue(self.limits)
+        self.ctx = zmq.Context()
+        self.running: Job | None = None
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._out_addr = f"inproc://healdust-out-{id(self)}"
+
+    # -- replies --------------------------------------------------------------------
+    @staticmethod
+    def _frames(rid: str, type_: str, fields: dict | None = None, buffers: list | None = None) -> list:
+        return codec.encode(type_, rid, fields, buffers)
+
+    def _send(self, sock: zmq.Socket, client: bytes, frames: list) -> bool:
+        try:
+            sock.send_multipart([client, *frames], copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:  # the client is gone: its jobs go too
+                self._client_gone(client)
+            else:
+                log.warning("could not send to a client: %s", e)
+            return False
+
+    def _client_gone(self, client: bytes) -> None:
+        dropped = self.queue.remove(client)
+        running = self.running
+        if running is not None and running.client == client:
+            running.cancel.set()
+        if dropped or (running is not None and running.client == client):
+            log.info("a client disconnected; cancelled %d queued job(s)", len(dropped))
+
+    def _error(self, sock, client: bytes, rid: str, code: str, message: str) -> None:
+        self._send(sock, client, self._frames(rid, "error", {"code": code, "message": message}))
+
+    # -- the I/O loop ---------------------------------------------------------------
+    def serve(self, ready=None, install_signals: bool = True) -> None:
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_pixels * 16 + self.limits.max_header_bytes)
+        router.bind(self.endpoint)
+        self._router = router
+        if self.endpoint.endswith(":0") or self.endpoint.endswith(":*"):
+            self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        inbox = self.ctx.socket(zmq.PULL)
+        inbox.bind(self._out_addr)
+        worker = threading.Thread(target=self._worker, name="healdust-worker", daemon=True)
+        worker.start()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        if ready:
+            ready(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(inbox, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if inbox in events:
+                    while True:
+                        try:
+                            frames = inbox.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._send(router, frames[0].bytes, frames[1:])
+                if router in events:
+                    for _ in range(64):
+                        try:
+                            frames = router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(router, frames)
+        finally:
+            log.info("shutting down")
+            self.queue.close()
+            if self.running is not None:
+                self.running.cancel.set()
+            worker.join(timeout=5)
+            router.close(0)
+            inbox.close(0)
+            self.ctx.term()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _handle(self, router: zmq.Socket, frames: list) -> None:
+        client = frames[0].bytes
+        try:
+            msg = codec.decode(frames[1:], self.limits)
+        except ProtocolError as e:
+            self._error(router, client, e.request_id, e.code, e.message)
+            return
+        try:
+            handler = getattr(self, "_on_" + msg.type.replace(".", "_"), None)
+            if msg.type in JOB_TYPES:
+                self._on_job(router, client, msg)
+            elif handler is not None and msg.type in codec.REQUEST_TYPES:
+                fields, buffers = handler(client, msg)
+                self._send(router, client, self._frames(msg.id, "result", fields, buffers))
+            else:
+                self._error(router, client, msg.id, "unknown_type",
+                            f"unknown message type {msg.type!r}; known: {', '.join(codec.REQUEST_TYPES)}")
+        except ProtocolError as e:
+            self._error(router, client, msg.id, e.code, e.message)
+        except ModelNotFound as e:
+            self._error(router, client, msg.id, "not_found", str(e))
+        except WeightsError as e:
+            self._error(router, client, msg.id, "bad_model", str(e))
+        except ValueError as e:
+            self._error(router, client, msg.id, "bad_request", str(e))
+        except Exception as e:  # never let one message take the daemon down
+            log.error("internal error on %s: %s", msg.type, traceback.format_exc())
+            self._error(router, client, msg.id, "internal", f"internal error: {type(e).__name__}: {e}")
+
+    # -- immediate requests ---------------------------------------------------------
+    def _on_hello(self, client, msg):
+        return {"protocol": codec.PROTOCOL_VERSION, "server": f"healdust {__version__}",
+                "device": str(self.pipeline.device), "models_loaded": self.pipeline.models_loaded,
+                "queue": len(self.queue), "limits": self.limits.as_dict()}, None
+
+    def _on_status(self, client, msg):
+        running = self.running
+        return {"device": str(self.pipeline.device), "models_loaded": self.pipeline.models_loaded,
+                "queue": len(self.queue), "running": running.rid if running else None,
+                "uptime_s": round(time.monotonic() - self._started, 1)}, None
+
+    def _on_cancel(self, client, msg):
+        target = msg.header.get("target")
+        if not isinstance(target, str):
+            raise ProtocolError("bad_request", "cancel needs 'target': the id of the request to stop")
+        gone = self.queue.remove(client, target)
+        for job in gone:
+            self._send_final(job, "cancelled", {})
+        running = self.running
+        if not gone and running is not None and running.client == client and running.rid == target:
+            running.cancel.set()
+            return {"cancelled": True}, None
+        return {"cancelled": bool(gone)}, None
+
+    def _send_final(self, job: Job, type_: str, fields: dict) -> None:
+        """A final reply for a job that never reached the worker (I/O thread only)."""
+        self._send(self._router, job.client, self._frames(job.rid, type_, fields))
+
+    def _on_models_list(self, client, msg):
+        return {"models": [_model_summary(m) for m in self.pipeline.store.list()]}, None
+
+    def _on_models_show(self, client, msg):
+        name = codec.model_name(msg.header)
+        meta = self.pipeline.store.meta(name)
+        meta = dict(meta, size_bytes=self.pipeline.store.path(name).stat().st_size,
+                    path=str(self.pipeline.store.path(name)))
+        return {"model": meta}, None
+
+    def _on_models_delete(self, client, msg):
+        name = codec.model_name(msg.header)
+        self.pipeline.forget(name)
+        return {"deleted": self.pipeline.store.delete(name)}, None
+
+    def _on_models_export(self, client, msg):
+        name = codec.model_name(msg.header)
+        return {"name": name}, [self.pipeline.store.export_bytes(name)]
+
+    def _on_models_import(self, client, msg):
+        name = codec.model_name(msg.header, required=False)
+        if len(msg.buffers) != 1:
+            raise ProtocolError("bad_request", "models.import needs the model file as one buffer frame")
+        data = msg.buffers[0]
+        if len(data) > self.limits.max_model_bytes:
+            raise ProtocolError("too_large", f"model file over {self.limits.max_model_bytes} bytes")
+        data = data.bytes if hasattr(data, "bytes") else bytes(data)
+        name = self.pipeline.store.import_bytes(data, name, self.pipeline.base, self.pipeline.base_meta)
+        self.pipeline.forget(name)
+        return {"name": name}, None
+
+    # -- jobs -----------------------------------------------------------------------
+    def _parse_job(self, msg: codec.Message) -> tuple[JobSpec, ImageDesc]:
+        h = msg.header
+        desc = codec.parse_image(h.get("image"), msg.buffers, "image", self.limits)
+        image = image_from_frame(desc, msg.buffers[desc.frame - 1])
+        mask = None
+        if h.get("mask") is not None:
+            mdesc = codec.parse_image(h.get("mask"), msg.buffers, "mask", self.limits)
+            if (mdesc.width, mdesc.height) != (desc.width, desc.height):
+                raise ProtocolError("bad_request", f"mask is {mdesc.width}x{mdesc.height}, "
+                                                   f"image is {desc.width}x{desc.height}")
+            if mdesc.channels != 1 or mdesc.dtype != "u8":
+                raise ProtocolError("bad_request", "mask must be GRAY u8 (255 = dust)")
+            mask = image_from_frame(mdesc, msg.buffers[mdesc.frame - 1])[:, :, 0] >= 128
+        elif msg.type == "inpaint":
+            raise ProtocolError("bad_request", "inpaint needs a 'mask' image")
+        markers = codec.parse_markers(h.get("markers"), self.limits)
+        mode = h.get("mode") or "transfer"
+        if mode not in ("transfer", "scratch"):
+            raise ProtocolError("bad_request", "mode must be 'transfer' or 'scratch'")
+        threshold = h.get("threshold")
+        if threshold is not None:
+            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold < 1:
+                raise ProtocolError("bad_request", "threshold must be a number between 0 and 1")
+        model = codec.optional_str(h, "model", 64)
+        if model not in (None, "auto", "base"):
+            model = codec.model_name(h, "model")
+        camera = h.get("camera") or {}
+        if not isinstance(camera, dict):
+            raise ProtocolError("bad_request", "camera must be a map of make, model, serial")
+        camera = {k: str(camera[k])[:128] for k in ("make", "model", "serial") if camera.get(k)}
+        spec = JobSpec(kind=msg.type, image=image, order=desc.order, dust=markers["dust"],
+                       not_dust=markers["not_dust"], model=model,
+                       save_model=codec.model_name(h, "save_model", required=False), mode=mode,
+                       threshold=None if threshold is None else float(threshold), camera=camera, mask=mask)
+        return spec, desc
+
+    def _on_job(self, router, client: bytes, msg: codec.Message) -> None:
+        spec, _ = self._parse_job(msg)
+        job = Job(client, msg.id, msg.type, spec)
+        ahead = self.queue.put(job)
+        ahead += 1 if self.running is not None else 0
+        self._send(router, client, self._frames(msg.id, "progress", {"stage": "queued", "fraction": 0.0,
+                                                                     "position": ahead}))
+
+    def _worker(self) -> None:
+        out = self.ctx.socket(zmq.PUSH)
+        out.connect(self._out_addr)
+        try:
+            while not self._stop.is_set():
+                job = self.queue.get()
+                if job is None:
+                    continue
+                self.running = job
+                try:
+                    type_, fields, buffers = self._run(out, job)
+                finally:
+                    self.running = None
+                # sent after 'running' is cleared: a client that saw the reply sees an idle daemon
+                out.send_multipart([job.client, *self._frames(job.rid, type_, fields, buffers)], copy=False)
+        finally:
+            out.close(linger=2000)
+
+    def _run(self, out: zmq.Socket, job: Job) -> tuple[str, dict, list | None]:
+        """Run one job, streaming its progress; returns its final reply."""
+        last = {"t": 0.0, "stage": None}
+
+        def send(type_: str, fields: dict, buffers: list | None = None) -> None:
+            out.send_multipart([job.client, *self._frames(job.rid, type_, fields, buffers)], copy=False)
+
+        def check_cancel() -> None:
+            if job.cancel.is_set() or self._stop.is_set():
+                raise Cancelled()
+
+        def progress(stage: str, fraction: float, **extra) -> None:
+            check_cancel()
+            now = time.monotonic()
+            if stage == last["stage"] and now - last["t"] < PROGRESS_INTERVAL and fraction < 1.0:
+                return
+            last.update(t=now, stage=stage)
+            fields = {"stage": stage, "fraction": round(float(fraction), 4)}
+            fields.update({k: float(v) if isinstance(v, (int, float)) else v for k, v in extra.items()})
+            send("progress", fields)
+
+        try:
+            check_cancel()
+            res = self.pipeline.run(job.spec, progress, check_cancel)
+            fields = {"spots": res.spots, "threshold": res.threshold, "model": res.model,
+                      "saved_model": res.saved_model, "seconds": res.seconds, "notes": res.notes}
+            buffers = []
+            if res.mask is not None and job.kind in ("heal", "detect"):
+                fields["mask"], buf = image_reply(res.mask, "GRAY", len(buffers) + 1)
+                buffers.append(buf)
+            if res.healed is not None:
+                fields["healed"], buf = image_reply(res.healed, job.spec.order, len(buffers) + 1)
+                buffers.append(buf)
+            return "result", fields, buffers
+        except Cancelled:
+            return "cancelled", {}, None
+        except JobError as e:
+            return "error", {"code": e.code, "message": e.message}, None
+        except (MemoryError, _oom_error()) as e:
+            log.error("out of memory: %s", e)
+            return "error", {"code": "out_of_memory",
+                             "message": "out of memory on this image; try a smaller tile size "
+                                        "(healdust serve --tile 256) or a smaller image"}, None
+        except WeightsError as e:
+            return "error", {"code": "bad_model", "message": str(e)}, None
+        except Exception as e:
+            log.error("job %s failed: %s", job.rid, traceback.format_exc())
+            return "error", {"code": "internal", "message": f"internal error: {type(e).__name__}: {e}"}, None
+
+
+def _oom_error() -> type[BaseException]:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
+def _model_summary(meta: dict) -> dict:
+    keys = ("name", "created", "camera", "base", "markers", "mode", "threshold", "size_bytes", "error")
+    return {k: meta[k] for k in keys if k in meta}

@@ -1,0 +1,190 @@
+"""The model store: the base model and the per-camera fine-tuned models under HEALDUST_HOME.
+
+A saved model holds only what fine-tuning changed from the base (the decoder for
+transfer; everything for scratch) plus metadata: camera (EXIF make/model/serial), base
+model id, number of markers, mode, calibrated threshold, date. Files are safetensors (no
+pickle) and every write is atomic (write, fsync, rename): a crash mid-save leaves the old
+file or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .model.unet import DustUNet, UNetConfig
+from .model.weights_io import WeightsError, atomic_write_bytes, load_weights, save_weights
+from .protocol.codec import MODEL_NAME_RE
+
+BASE_WEIGHTS = "base.safetensors"
+
+
+def healdust_home() -> Path:
+    env = os.environ.get("HEALDUST_HOME")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("healdust", appauthor=False))
+
+
+def base_weights_path() -> Path:
+    return Path(str(resources.files("healdust.model") / "weights" / BASE_WEIGHTS))
+
+
+def load_base_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[DustUNet, dict]:
+    """The pretrained base model shipped in the package (or ``path``), in eval mode."""
+    path = Path(path) if path else base_weights_path()
+    tensors, meta = load_weights(path)
+    if meta.get("kind") != "base":
+        raise WeightsError(f"model file {path} is not a base model")
+    model = DustUNet(UNetConfig.from_dict(meta.get("config", {})))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"model file {path} does not fit its declared architecture ({e})") from None
+    return model.to(device).eval(), meta
+
+
+class ModelNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"no saved model named {self.args[0]!r}"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+        raise ValueError(f"model name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+class ModelStore:
+    def __init__(self, home: str | Path | None = None):
+        self.home = Path(home) if home else healdust_home()
+        self.dir = self.home / "models"
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{check_name(name)}.safetensors"
+
+    def save(self, name: str, model: DustUNet, base_meta: dict, mode: str, markers: int,
+             threshold: float, camera: dict | None = None) -> dict:
+        tensors = model.trainable_state() if mode == "transfer" else model.state_dict()
+        meta = {
+            "kind": "finetuned", "name": check_name(name),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "camera": {k: str(v) for k, v in (camera or {}).items() if v},
+            "base": base_meta.get("id"), "config": model.cfg.to_dict(), "mode": mode,
+            "markers": int(markers), "threshold": float(threshold), "healdust": __version__,
+        }
+        save_weights(self.path(name), tensors, meta)
+        return meta
+
+    def meta(self, name: str) -> dict:
+        p = self.path(name)
+        if not p.exists():
+            raise ModelNotFound(name)
+        _, meta = load_weights(p)
+        return meta
+
+    def load(self, name: str, base: DustUNet, base_meta: dict) -> tuple[DustUNet, dict]:
+        p = self.path(name)
+        if not p.exists():
+            raise ModelNotFound(name)
+        tensors, meta = load_weights(p)
+        return self._build(p, tensors, meta, base, base_meta), meta
+
+    @staticmethod
+    def _build(p: Path, tensors: dict, meta: dict, base: DustUNet, base_meta: dict) -> DustUNet:
+        if meta.get("kind") != "finetuned":
+            raise WeightsError(f"model file {p} is not a fine-tuned healdust model")
+        if meta.get("config", {}).get("widths") != list(base.cfg.widths):
+            raise WeightsError(f"model file {p} was made for widths {meta.get('config', {}).get('widths')}, "
+                               f"the base model has {list(base.cfg.widths)}")
+        model = copy.deepcopy(base).cpu()
+        if meta.get("mode") == "transfer":
+            if meta.get("base") != base_meta.get("id"):
+                raise WeightsError(f"model file {p} was fine-tuned from base {meta.get('base')!r}, "
+                                   f"this healdust ships {base_meta.get('id')!r}; fine-tune it again")
+            expected = model.trainable_state()
+            if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in tensors):
+                raise WeightsError(f"model file {p} does not hold a decoder for this architecture")
+            model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items()})
+            model.freeze_encoder()
+        else:
+            try:
+                model.load_state_dict(tensors, strict=True)
+            except RuntimeError:
+                raise WeightsError(f"model file {p} does not fit this architecture") from None
+        return model.to(next(base.parameters()).device).eval()
+
+    def list(self) -> list[dict]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.dir.glob("*.safetensors")):
+            try:
+                _, meta = load_weights(p)
+                meta["size_bytes"] = p.stat().st_size
+            except WeightsError as e:
+                meta = {"name": p.stem, "error": str(e)}
+            out.append(meta)
+        return out
+
+    def delete(self, name: str) -> bool:
+        p = self.path(name)
+        try:
+            p.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def export_bytes(self, name: str) -> bytes:
+        p = self.path(name)
+        if not p.exists():
+            raise ModelNotFound(name)
+        load_weights(p)  # refuse to export a broken file
+        return p.read_bytes()
+
+    def import_bytes(self, data: bytes, name: str | None = None, base: DustUNet | None = None,
+                     base_meta: dict | None = None) -> str:
+        """Check a model file and store it (under ``name`` or the name it carries)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=self.dir, prefix=".import-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            tensors, meta = load_weights(tmp)
+            if base is not None:
+                self._build(Path("(imported file)"), tensors, meta, base, base_meta or {})
+            elif meta.get("kind") != "finetuned":
+                raise WeightsError("the imported file is not a fine-tuned healdust model")
+        finally:
+            os.unlink(tmp)
+        name = check_name(name or str(meta.get("name", "")))
+        if name != meta.get("name"):
+            meta["name"] = name
+            save_weights(self.path(name), tensors, meta)
+        else:
+            atomic_write_bytes(self.path(name), data)
+        return name
+
+    def newest_for_camera(self, camera: dict) -> str | None:
+        keys = [k for k in ("make", "model", "serial") if camera.get(k)]
+        if not keys:
+            return None
+        best = None
+        for meta in self.list():
+            cam = meta.get("camera") or {}
+            if "error" in meta or not cam:
+                continue
+            if all(cam.get(k) == camera.get(k) for k in keys) and all(
+                    camera.get(k) == v for k, v in cam.items() if k in ("make", "model", "serial")):
+                if best is None or meta.get("created", "") > best.get("created", ""):
+                    best = meta
+        return best["name"] if best else None

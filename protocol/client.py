@@ -1,0 +1,187 @@
+"""A protocol client over a ZeroMQ DEALER socket. Standard library + msgpack + pyzmq only.
+
+    with Client(endpoint) as c:
+        rid = c.submit("heal", {"image": desc.to_dict(), "markers": markers}, [pixels])
+        for ev in c.events(rid):          # progress events, then exactly one final event
+            ...
+        c.cancel(rid)                     # from a UI callback: the job ends with 'cancelled'
+
+``call()`` does the loop for you and raises RemoteError / JobCancelled. ``poll()`` returns
+whatever arrived without blocking, for event loops (Qt timers, GLib idle callbacks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+
+from .codec import FINAL_TYPES, encode
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:47137"
+
+
+def default_endpoint() -> str:
+    return os.environ.get("HEALDUST_ENDPOINT") or DEFAULT_ENDPOINT
+
+
+class DaemonUnavailable(ConnectionError):
+    """No daemon answered at the endpoint in time."""
+
+
+class RemoteError(RuntimeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+
+
+class JobCancelled(RuntimeError):
+    pass
+
+
+@dataclass
+class Event:
+    type: str
+    header: dict
+    buffers: list = field(default_factory=list)
+
+    @property
+    def final(self) -> bool:
+        return self.type in FINAL_TYPES
+
+    def get(self, key, default=None):
+        return self.header.get(key, default)
+
+
+_counter = itertools.count(1)
+
+
+class Client:
+    def __init__(self, endpoint: str | None = None, timeout: float = 30.0,
+                 context: zmq.Context | None = None, curve: dict | None = None):
+        """timeout: seconds to wait with no event at all before giving up on the daemon."""
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if curve:
+            self._sock.curve_serverkey = curve["server_public"]
+            self._sock.curve_publickey = curve["public"]
+            self._sock.curve_secretkey = curve["secret"]
+        self._sock.connect(self.endpoint)
+        self._pending: dict[str, deque] = defaultdict(deque)
+        self._open: set[str] = set()
+        self._prefix = f"{os.getpid():x}-{id(self) & 0xffff:x}-"
+
+    # -- plumbing -------------------------------------------------------------------
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def new_id(self) -> str:
+        return f"{self._prefix}{next(_counter)}"
+
+    def submit(self, type_: str, fields: dict | None = None, buffers: list | None = None,
+               id_: str | None = None, track: bool = True) -> str:
+        """Send a request; returns its id. Buffers are sent without copying.
+
+        track=False: nobody will read the reply (it is dropped when it arrives).
+        """
+        rid = id_ or self.new_id()
+        frames = encode(type_, rid, fields, buffers)
+        self._sock.send_multipart(frames, copy=False)
+        if track:
+            self._open.add(rid)
+        return rid
+
+    def cancel(self, rid: str) -> None:
+        """Ask the daemon to stop request ``rid``; its events end with ``cancelled``."""
+        self.submit("cancel", {"target": rid}, track=False)
+
+    def _receive(self, timeout_ms: int) -> bool:
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return False
+        frames = self._sock.recv_multipart(copy=False)
+        try:
+            header = msgpack.unpackb(frames[0].bytes, raw=False)
+        except Exception:
+            return True  # not ours to understand; ignore
+        if not isinstance(header, dict):
+            return True
+        rid = header.get("id")
+        if isinstance(rid, str):
+            self._pending[rid].append(Event(str(header.get("type")), header,
+                                            [f.buffer for f in frames[1:]]))
+        return True
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """All events that have arrived (waiting at most ``timeout`` s for the first)."""
+        got = self._receive(int(timeout * 1000))
+        while got:
+            got = self._receive(0)
+        out = []
+        for rid in list(self._pending):
+            q = self._pending.pop(rid)
+            for ev in q:
+                if ev.final:
+                    self._open.discard(rid)
+                out.append(ev)
+        return out
+
+    def events(self, rid: str, timeout: float | None = None) -> Iterator[Event]:
+        """Events for one request until (and including) its final reply."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            q = self._pending.get(rid)
+            if q:
+                ev = q.popleft()
+                deadline = time.monotonic() + timeout
+                if ev.final:
+                    self._open.discard(rid)
+                    self._pending.pop(rid, None)
+                    yield ev
+                    return
+                yield ev
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaemonUnavailable(f"no answer from the healdust daemon at {self.endpoint} "
+                                        f"within {timeout:.0f} s")
+            self._receive(int(min(left, 0.2) * 1000) + 1)
+            # drop replies to requests nobody waits for (e.g. cancel acknowledgements)
+            for other in [k for k in self._pending if k not in self._open]:
+                self._pending.pop(other, None)
+
+    def call(self, type_: str, fields: dict | None = None, buffers: list | None = None,
+             on_progress: Callable[[Event], None] | None = None, timeout: float | None = None) -> Event:
+        """Send a request and wait for its final reply. Raises RemoteError or JobCancelled."""
+        rid = self.submit(type_, fields, buffers)
+        for ev in self.events(rid, timeout):
+            if ev.type == "progress":
+                if on_progress:
+                    on_progress(ev)
+            elif ev.type == "result":
+                return ev
+            elif ev.type == "error":
+                raise RemoteError(str(ev.get("code", "internal")), str(ev.get("message", "")))
+            elif ev.type == "cancelled":
+                raise JobCancelled(f"request {rid} was cancelled")
+        raise DaemonUnavailable("the event stream ended without a final reply")
+
+    def hello(self, timeout: float = 2.0) -> dict:
+        """The daemon's hello result; raises DaemonUnavailable when none answers in time."""
+        return self.call("hello", {"client": "healdust-python"}, timeout=timeout).header

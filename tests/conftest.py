@@ -1,0 +1,107 @@
+"""Shared fixtures: a real daemon process on a free port, and dusty test images."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from healdust import synth
+from healdust.demo import sample_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    def __init__(self, home: Path, endpoint: str | None = None, extra_env: dict | None = None):
+        self.home = home
+        self.endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
+        env = dict(os.environ, HEALDUST_HOME=str(home), PYTHONUNBUFFERED="1")
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "healdust", "serve", "--endpoint", self.endpoint,
+                                      "--device", "cpu"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.stderr_lines: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        deadline = time.monotonic() + 90
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("healdust ready") or not line:
+                break
+        if not line.startswith("healdust ready"):
+            self.proc.kill()
+            raise RuntimeError(f"daemon did not start: {line!r} {''.join(self.stderr_lines[-20:])}")
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = DaemonProcess(tmp_path_factory.mktemp("home"))
+    yield d
+    assert d.stop() == 0, "the daemon must shut down cleanly on SIGTERM"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "home"
+    monkeypatch.setenv("HEALDUST_HOME", str(h))
+    return h
+
+
+def dusty_image(size: int = 256, seed: int = 0, count: int = 12, kind: str = "film"):
+    """(clean float RGB, dusty float RGB, true mask) cut from the bundled sample photo."""
+    photo = synth.load_photo(sample_path())
+    rng = np.random.default_rng(seed)
+    y = int(rng.integers(0, photo.shape[0] - size))
+    x = int(rng.integers(0, photo.shape[1] - size))
+    clean = photo[y:y + size, x:x + size].astype(np.float32) / 255
+    if kind == "film":
+        dmg = synth.add_film_damage(clean, rng, None, count=count, polarity="dark", grain=0.0)
+    else:
+        dmg = synth.add_sensor_dust(clean, rng, count=count, f_number=11, grain=0.0)
+    return clean, dmg.image, dmg.mask
+
+
+def markers_for(mask: np.ndarray, count: int = 5, pad: float = 4.0) -> list[dict]:
+    n, _, st, cen = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    idx = [i for i in range(1, n) if st[i, cv2.CC_STAT_AREA] >= 4][:count]
+    return [{"x": float(cen[i][0]), "y": float(cen[i][1]),
+             "r": float(0.5 * np.hypot(st[i, 2], st[i, 3]) + pad)} for i in idx]
+
+
+def to_u8(a: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)
+
+
+def to_u16(a: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(a * 65535), 0, 65535).astype(np.uint16)

@@ -1,0 +1,259 @@
+"""The daemon as a real process on a real ZeroMQ socket."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from healdust.metrics import score_masks
+from healdust.protocol import ImageDesc
+from healdust.protocol.client import Client, JobCancelled, RemoteError
+
+from .conftest import dusty_image, markers_for, to_u8, to_u16
+
+
+def _img_fields(pixels: np.ndarray, order: str, dtype: str, frame: int = 1) -> dict:
+    return ImageDesc.packed(pixels.shape[1], pixels.shape[0], order, dtype, frame).to_dict()
+
+
+def _result_image(ev, key: str) -> np.ndarray:
+    d = ev.get(key)
+    dt = {"u8": "u1", "u16": "<u2", "f16": "<f2", "f32": "<f4"}[d["dtype"]]
+    buf = ev.buffers[d["frame"] - 1]
+    return np.frombuffer(buf, dt).reshape(d["height"], d["width"], d["channels"])
+
+
+def test_hello_and_status(daemon):
+    with Client(daemon.endpoint) as c:
+        h = c.hello()
+        assert h["protocol"] == 1 and h["device"] == "cpu" and "base" in h["models_loaded"]
+        assert h["limits"]["max_pixels"] > 0
+        s = c.call("status").header
+        assert s["queue"] == 0 and "uptime_s" in s
+
+
+def test_heal_with_markers_streams_progress_and_heals(daemon):
+    clean, dusty, truth = dusty_image(256, seed=1, count=14)
+    img = to_u8(dusty)
+    markers = {"dust": markers_for(truth, 4)}
+    stages, losses = [], []
+    with Client(daemon.endpoint, timeout=300) as c:
+        ev = c.call("heal", {"image": _img_fields(img, "RGB", "u8"), "markers": markers}, [img],
+                    on_progress=lambda e: (stages.append(e.get("stage")),
+                                           e.get("loss") is not None and losses.append(e.get("loss"))))
+    assert {"queued", "finetune", "detect", "heal"} <= set(stages)
+    assert losses and all(np.isfinite(losses))
+    mask = _result_image(ev, "mask")[:, :, 0] > 0
+    healed = _result_image(ev, "healed")
+    assert healed.shape == img.shape and healed.dtype == np.uint8
+    # every marked spot is in the mask, and healing brought those pixels closer to the clean image
+    yy, xx = np.mgrid[:256, :256]
+    for m in markers["dust"]:
+        assert mask[(yy - m["y"]) ** 2 + (xx - m["x"]) ** 2 <= m["r"] ** 2].any()
+    s = score_masks(mask, truth)
+    assert s.spot_recall >= 0.6
+    hit = mask & truth
+    err_before = np.abs(img[hit].astype(float) - to_u8(clean)[hit]).mean()
+    err_after = np.abs(healed[hit].astype(float) - to_u8(clean)[hit]).mean()
+    assert err_after < 0.5 * err_before
+    # nothing outside the mask changed
+    assert np.array_equal(healed[~mask], img[~mask])
+    assert ev.get("spots") >= len(markers["dust"]) and ev.get("model") == "base"
+
+
+def test_detect_returns_mask_only(daemon):
+    _, dusty, _ = dusty_image(128, seed=2)
+    img = to_u8(dusty)
+    with Client(daemon.endpoint, timeout=120) as c:
+        ev = c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])
+    assert ev.get("healed") is None and len(ev.buffers) == 1
+    assert _result_image(ev, "mask").shape == (128, 128, 1)
+
+
+def test_inpaint_heals_exactly_the_mask_16bit_bgra(daemon):
+    clean, dusty, core = dusty_image(128, seed=3)
+    truth = cv2.dilate(core.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)  # with its soft edge
+    rgba = np.concatenate([to_u16(dusty), np.full((128, 128, 1), 40000, np.uint16)], axis=2)
+    rgba[5:20, 5:20, 3] = 123  # alpha must come back untouched
+    bgra = np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]])
+    mask = truth.astype(np.uint8)[:, :, None] * 255
+    with Client(daemon.endpoint, timeout=120) as c:
+        ev = c.call("inpaint", {"image": _img_fields(bgra, "BGRA", "u16"),
+                                "mask": _img_fields(mask, "GRAY", "u8", 2)}, [bgra, mask])
+    healed = _result_image(ev, "healed")
+    assert healed.dtype == np.dtype("<u2") and healed.shape == bgra.shape
+    assert np.array_equal(healed[~truth], bgra[~truth])
+    assert np.array_equal(healed[:, :, 3], bgra[:, :, 3])
+    ref = to_u16(clean)[:, :, ::-1]
+    before = np.abs(bgra[:, :, :3][core].astype(float) - ref[core]).mean()
+    after = np.abs(healed[:, :, :3][core].astype(float) - ref[core]).mean()
+    assert after < 0.4 * before
+
+
+def test_strided_float_image(daemon):
+    _, dusty, truth = dusty_image(64, seed=4)
+    f = dusty.astype("<f4")
+    stride = 64 * 3 * 4 + 40
+    buf = np.zeros((64, stride), np.uint8)
+    buf[:, :64 * 12] = f.view(np.uint8).reshape(64, -1)
+    desc = dict(_img_fields(f, "RGB", "f32"), stride=stride)
+    mask = truth.astype(np.uint8)[:, :, None] * 255
+    with Client(daemon.endpoint, timeout=120) as c:
+        ev = c.call("inpaint", {"image": desc, "mask": _img_fields(mask, "GRAY", "u8", 2)}, [buf, mask])
+    healed = _result_image(ev, "healed")
+    assert healed.dtype == np.dtype("<f4") and np.array_equal(healed[~truth], f[~truth])
+
+
+def test_cancel_mid_finetune_within_a_second(daemon):
+    _, dusty, truth = dusty_image(256, seed=5)
+    img = to_u8(dusty)
+    with Client(daemon.endpoint, timeout=300) as c:
+        rid = c.submit("heal", {"image": _img_fields(img, "RGB", "u8"),
+                                "markers": {"dust": markers_for(truth, 5)}, "mode": "scratch"}, [img])
+        t_cancel = None
+        final = None
+        for ev in c.events(rid):
+            if ev.type == "progress" and ev.get("stage") == "finetune" and t_cancel is None:
+                t_cancel = time.monotonic()
+                c.cancel(rid)
+            if ev.final:
+                final = ev
+        assert final.type == "cancelled"
+        assert time.monotonic() - t_cancel < 2.5  # spec: within a second; margin for a loaded machine
+        assert c.call("status").get("running") is None
+
+
+def test_cancel_queued_job_and_unknown_target(daemon):
+    _, dusty, truth = dusty_image(256, seed=6)
+    img = to_u8(dusty)
+    with Client(daemon.endpoint, timeout=300) as c:
+        first = c.submit("heal", {"image": _img_fields(img, "RGB", "u8"),
+                                  "markers": {"dust": markers_for(truth, 3)}, "mode": "scratch"}, [img])
+        second = c.submit("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])
+        c.cancel(second)
+        assert [e.type for e in c.events(second)][-1] == "cancelled"
+        c.cancel(first)
+        assert [e.type for e in c.events(first)][-1] == "cancelled"
+        assert c.call("cancel", {"target": "nothing-like-this"}).get("cancelled") is False
+
+
+def test_two_clients_at_once_both_served(daemon):
+    _, dusty, _ = dusty_image(192, seed=7)
+    img = to_u8(dusty)
+    results = {}
+
+    def run(name):
+        with Client(daemon.endpoint, timeout=300) as c:
+            results[name] = [c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img]).get("spots")
+                             for _ in range(2)]
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert results["a"] == results["b"] and len(results["a"]) == 2
+
+
+def test_bad_requests_get_errors_and_daemon_keeps_serving(daemon):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(daemon.endpoint)
+
+    def ask(frames):
+        s.send_multipart(frames)
+        assert s.poll(10000), "the daemon must answer a bad message"
+        return msgpack.unpackb(s.recv_multipart()[0])
+
+    assert ask([b"\xc1\xc1 not msgpack"])["code"] == "bad_message"
+    assert ask([msgpack.packb({"v": 1, "type": "frobnicate", "id": "u1"})])["code"] == "unknown_type"
+    assert ask([msgpack.packb({"v": 7, "type": "hello", "id": "u2"})])["code"] == "unsupported_version"
+    desc = ImageDesc.packed(100, 100, "RGB", "u8").to_dict()
+    r = ask([msgpack.packb({"v": 1, "type": "heal", "id": "u3", "image": desc}), b"\0" * 10])
+    assert r["code"] == "bad_request" and r["id"] == "u3"
+    huge = dict(desc, width=60000, height=60000, stride=180000)
+    assert ask([msgpack.packb({"v": 1, "type": "heal", "id": "u4", "image": huge}), b"\0"])["code"] == "too_large"
+    r = ask([msgpack.packb({"v": 1, "type": "heal", "id": "u5", "image": desc, "markers": {"dust": [1]}}),
+             b"\0" * 30000])
+    assert r["code"] == "bad_request"
+    r = ask([msgpack.packb({"v": 1, "type": "heal", "id": "u6", "image": desc, "model": "no-such"}),
+             b"\0" * 30000])
+    assert r["type"] == "progress" or r["code"] == "not_found"
+    while r["type"] == "progress":
+        assert s.poll(30000)
+        r = msgpack.unpackb(s.recv_multipart()[0])
+    assert r["code"] == "not_found"
+    s.close()
+    # and a good request afterwards
+    with Client(daemon.endpoint) as c:
+        assert c.hello()["protocol"] == 1
+    assert daemon.alive()
+
+
+def test_saved_model_reused_without_markers(daemon):
+    """Fine-tune on one image, save; a second image with dust at the same places, no markers."""
+    clean, dusty, truth = dusty_image(256, seed=8, count=10, kind="sensor")
+    img = to_u8(dusty)
+    with Client(daemon.endpoint, timeout=300) as c:
+        ev = c.call("heal", {"image": _img_fields(img, "RGB", "u8"), "markers": {"dust": markers_for(truth, 4)},
+                             "save_model": "cam-a", "camera": {"make": "Acme", "model": "X1"}}, [img])
+        assert ev.get("saved_model") == "cam-a"
+        models = c.call("models.list").get("models")
+        assert [m["name"] for m in models] == ["cam-a"] and models[0]["camera"]["make"] == "Acme"
+        # the same sensor dust on another frame of the shoot
+        from healdust import synth
+
+        other = synth.load_photo(__import__("healdust.demo", fromlist=["x"]).sample_path())[300:556, 600:856]
+        other = other.astype(np.float32) / 255
+        att = clean - dusty  # reuse the exact dust positions via the attenuation of the first frame
+        second = to_u8(np.clip(other - att, 0, 1))
+        ev2 = c.call("detect", {"image": _img_fields(second, "RGB", "u8"), "model": "auto",
+                                "camera": {"make": "Acme", "model": "X1"}}, [second])
+        assert ev2.get("model") == "cam-a"
+        s = score_masks(_result_image(ev2, "mask")[:, :, 0] > 0, truth)
+        assert s.spot_recall >= 0.6
+        blob = c.call("models.export", {"name": "cam-a"}).buffers[0]
+        assert c.call("models.import", {"name": "cam-b"}, [bytes(blob)]).get("name") == "cam-b"
+        assert c.call("models.show", {"name": "cam-b"}).get("model")["base"]
+        with pytest.raises(RemoteError) as e:
+            c.call("models.import", {"name": "junk"}, [b"not a model at all"])
+        assert e.value.code == "bad_model"
+        assert c.call("models.delete", {"name": "cam-b"}).get("deleted") is True
+        with pytest.raises(RemoteError) as e:
+            c.call("models.show", {"name": "cam-b"})
+        assert e.value.code == "not_found"
+
+
+def test_scratch_without_markers_is_a_clear_error(daemon):
+    img = to_u8(dusty_image(64, seed=9)[1])
+    with Client(daemon.endpoint, timeout=60) as c, pytest.raises(RemoteError) as e:
+        c.call("heal", {"image": _img_fields(img, "RGB", "u8"), "mode": "scratch"}, [img])
+    assert e.value.code == "no_markers" and "marker" in e.value.message
+
+
+def test_vanished_client_has_its_job_cancelled(daemon):
+    _, dusty, truth = dusty_image(256, seed=10)
+    img = to_u8(dusty)
+    c = Client(daemon.endpoint, timeout=300)
+    rid = c.submit("heal", {"image": _img_fields(img, "RGB", "u8"), "markers": {"dust": markers_for(truth, 4)},
+                            "mode": "scratch"}, [img])
+    for ev in c.events(rid):
+        if ev.get("stage") == "finetune":
+            break
+    c.close()
+    with Client(daemon.endpoint) as other:
+        deadline = time.monotonic() + 10
+        while other.call("status").get("running") is not None:
+            assert time.monotonic() < deadline, "the job of a vanished client must be cancelled"
+            time.sleep(0.2)
+
+
+def test_cancelled_job_error_type():
+    assert issubclass(JobCancelled, RuntimeError)

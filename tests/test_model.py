@@ -1,0 +1,169 @@
+"""The model: shipped weights, freezing, scratch training, few-shot learning, safe saving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from healdust.metrics import empty_scores, score_masks
+from healdust.model.finetune import FineTuneConfig, dust_inside_marker, fine_tune
+from healdust.model.infer import predict_proba
+from healdust.model.unet import SEED_WIDTHS, DustUNet, UNetConfig
+from healdust.model.weights_io import WeightsError, load_weights
+from healdust.store import ModelStore, base_weights_path, load_base_model
+
+from .conftest import dusty_image, markers_for, to_u8
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return load_base_model()
+
+
+def test_shipped_weights_load_without_pickle_and_are_small(base):
+    model, meta = base
+    p = base_weights_path()
+    assert p.stat().st_size < 25 * 2**20
+    assert meta["kind"] == "base" and meta["id"] and meta["heldout"]["metrics"]
+    with open(p, "rb") as f:
+        assert b"pickle" not in f.read(4096)  # safetensors header, not a pickle
+
+
+def _score(model, n=6, kind="film", threshold=0.5):
+    total = empty_scores()
+    for i in range(n):
+        _, dusty, truth = dusty_image(192, seed=100 + i, count=10, kind=kind)
+        prob = predict_proba(model, to_u8(dusty), "RGB")
+        total = total.add(score_masks(prob >= threshold, truth))
+    return total
+
+
+def test_shipped_weights_beat_random_init_by_far(base):
+    model, _ = base
+    torch.manual_seed(0)
+    rand = DustUNet(model.cfg).eval()
+    for kind in ("film", "sensor"):
+        trained, random = _score(model, kind=kind), _score(rand, kind=kind)
+        assert trained.spot_f1 >= random.spot_f1 + 0.3, (kind, trained.as_dict(), random.as_dict())
+
+
+def test_seed_architecture_still_builds():
+    m = DustUNet(UNetConfig(widths=SEED_WIDTHS))
+    assert m.encoder.enc1[0].in_channels == 3 and m.encoder.enc1[0].out_channels == 64
+    assert m.decoder.bottleneck[0].out_channels == 512 and m.decoder.out.in_channels == 64
+    assert m(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def _one_image_task(seed=30, count=16, kind="film"):
+    clean, dusty, truth = dusty_image(256, seed=seed, count=count, kind=kind)
+    markers = markers_for(truth, 5)
+    return to_u8(dusty), truth, [(m["x"], m["y"], m["r"]) for m in markers]
+
+
+def test_transfer_freezes_encoder_weights_and_statistics(base):
+    model, _ = base
+    img, truth, dust = _one_image_task()
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    dec_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    res = fine_tune(model, img, "RGB", dust, mode="transfer", cfg=FineTuneConfig(steps_transfer=15, min_steps=15))
+    after = res.model.encoder.state_dict()
+    for k, v in before.items():  # weights, biases, running_mean, running_var, num_batches_tracked
+        assert torch.equal(v, after[k]), k
+    assert any(not torch.equal(v, res.model.decoder.state_dict()[k]) for k, v in dec_before.items())
+    assert all(not p.requires_grad for p in res.model.encoder.parameters())
+    res.model.train()
+    assert not res.model.encoder.training, "a frozen encoder stays in eval mode"
+    # the base model itself was not touched
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in dec_before.items())
+
+
+def test_scratch_trains_every_layer(base):
+    model, _ = base
+    img, truth, dust = _one_image_task()
+    res = fine_tune(model, img, "RGB", dust, mode="scratch", cfg=FineTuneConfig(steps_scratch=6, min_steps=6))
+    torch.manual_seed(0)
+    fresh = DustUNet(model.cfg)
+    # every layer moved away from its random init, and nothing was copied from the base
+    for (name, p), p0 in zip(res.model.named_parameters(), fresh.parameters(), strict=True):
+        assert not torch.equal(p.detach(), p0.detach()), name
+    assert not torch.equal(res.model.encoder.enc1[0].weight, model.encoder.enc1[0].weight)
+
+
+def test_marker_labels_are_the_defect_not_the_disc():
+    _, dusty, truth = dusty_image(128, seed=40, count=6)
+    m = markers_for(truth, 1, pad=8)[0]
+    lab = dust_inside_marker(dusty, m["y"], m["x"], m["r"])
+    yy, xx = np.mgrid[:128, :128]
+    disc = (yy - m["y"]) ** 2 + (xx - m["x"]) ** 2 <= m["r"] ** 2
+    assert lab.sum() < 0.7 * disc.sum()
+    inter = (lab & truth & disc).sum()
+    assert inter >= 0.5 * (truth & disc).sum()
+
+
+def test_fine_tuning_finds_the_unmarked_spots_of_the_same_kind(base):
+    model, _ = base
+    img, truth, dust = _one_image_task(seed=31, count=20)
+    res = fine_tune(model, img, "RGB", dust, mode="transfer")
+    prob = predict_proba(res.model, img, "RGB")
+    # score only the spots that were not marked
+    import cv2
+
+    n, lab = cv2.connectedComponents(truth.astype(np.uint8))
+    marked = {lab[int(y), int(x)] for x, y, _ in dust} - {0}
+    unmarked = truth & ~np.isin(lab, list(marked))
+    s = score_masks(prob >= res.threshold, unmarked)
+    assert s.spot_recall >= 0.6, s.as_dict()
+
+
+def test_save_is_atomic_under_sigkill(tmp_path, base):
+    """Kill a process that saves the same model over and over; the file always loads."""
+    model, meta = base
+    store = ModelStore(tmp_path)
+    store.save("m", model, meta, "transfer", 3, 0.5)
+    script = (
+        "import sys; from healdust.store import ModelStore, load_base_model\n"
+        "m, meta = load_base_model(); s = ModelStore(sys.argv[1])\n"
+        "print('go', flush=True)\n"
+        "while True: s.save('m', m, meta, 'transfer', 3, 0.5)\n"
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "go"
+        time.sleep(float(rng.uniform(0.01, 0.3)))
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        loaded, _ = store.load("m", model, meta)  # whole: the old file or the new one
+        assert loaded is not None
+    assert [m["name"] for m in store.list()] == ["m"]
+
+
+def test_corrupt_model_is_named_and_others_survive(tmp_path, base):
+    model, meta = base
+    store = ModelStore(tmp_path)
+    store.save("good", model, meta, "transfer", 3, 0.5)
+    store.save("bad", model, meta, "transfer", 3, 0.5)
+    p = store.path("bad")
+    p.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="bad.safetensors"):
+        store.load("bad", model, meta)
+    assert store.load("good", model, meta)[0] is not None
+    listing = {m["name"]: m for m in store.list()}
+    assert "error" in listing["bad"] and "error" not in listing["good"]
+
+
+def test_newer_format_refused(tmp_path, base):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "n.safetensors"),
+              metadata={"format": "healdust-weights", "format_version": "99", "meta": "{}"})
+    with pytest.raises(WeightsError, match="format version"):
+        load_weights(tmp_path / "n.safetensors")

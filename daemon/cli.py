@@ -375,9 +375,12 @@ def cmd_demo(args) -> int:
 
 def cmd_install_plugin(args) -> int:
     if args.editor == "krita":
-        from .install_krita import install
+        from .install_krita import InstallError, install
 
-        path = install()
+        try:
+            path = install(log=print)
+        except InstallError as e:
+            raise CliError(str(e)) from None
         print(f"installed the Krita plugin in {path}; restart Krita to load it")
         return 0
     from .install_gimp import InstallError, describe, install

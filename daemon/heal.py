@@ -1,0 +1,137 @@
+"""Healing: repair the dust mask so the spot vanishes into the photo's own texture.
+
+Each connected spot of the mask is repaired on its own, in a padded window around it (so
+memory stays bounded on large images), with one of two repairs:
+
+* semi-transparent spots (sensor dust, faint stains) keep the picture underneath; their
+  shadow is estimated from the surroundings and divided out (``heal_flat``);
+* opaque specks, hairs and scratches are filled with texture from the best matching
+  nearby patches, grain included, blended into the rim like a healing brush; what still
+  shows through a partly transparent speck is unmixed (``heal_fill``).
+
+The shadow fit returns a confidence; where the evidence is mixed both repairs are made and
+blended by it, which costs far less than committing to the wrong one. Spots that touch
+the mask's dilated rim are filled from beyond it (a speck's soft edge tints its rim).
+
+Pixels outside the mask are never written. Context is always read from the input image
+with every masked pixel treated as unknown, so the result does not depend on the order
+the spots are visited in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+from .heal_fill import CONTEXT, search_radius, texture_fill, unmix_speck
+from .heal_flat import shadow_repair
+
+ProgressFn = Callable[[float], None]
+
+# Pixels next to a spot are usually tinted by its soft edge: fill from beyond them.
+RIM = 1
+# Spots larger than this (bounding box side, px) are repaired in pieces of this size.
+CHUNK = 160
+
+
+def _validate(image: np.ndarray, mask: np.ndarray, hint: np.ndarray | None) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or not isinstance(mask, np.ndarray):
+        raise ValueError("heal_image wants numpy arrays for image and mask")
+    if image.dtype != np.float32:
+        raise ValueError(f"heal_image wants a float32 image, got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"heal_image wants an HxWxC image with C = 1 or 3, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"heal_image got an empty image of shape {image.shape}")
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    if mask.dtype != bool:
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise ValueError(f"mask must be bool (or 0/1 integers), got {mask.dtype}")
+        mask = mask != 0
+    if hint is not None and (not isinstance(hint, np.ndarray) or hint.shape != image.shape[:2]
+                             or not np.issubdtype(hint.dtype, np.floating)):
+        raise ValueError("attenuation_hint must be a float HxW array matching the image")
+    return mask
+
+
+def heal_image(image: np.ndarray, mask: np.ndarray, progress: ProgressFn | None = None,
+               check_cancel: Callable[[], None] | None = None,
+               attenuation_hint: np.ndarray | None = None) -> np.ndarray:
+    """Heal ``image`` where ``mask`` is set.
+
+    image: float32 HxWxC (C = 1 or 3 colour channels, no alpha), values about [0, 1].
+    mask: bool HxW, True on dust. Returns a new float32 array of the same shape; pixels
+    outside the mask are returned unchanged, bit for bit. ``progress(fraction)`` is
+    called now and then; ``check_cancel()`` before every spot (it raises to cancel).
+    ``attenuation_hint``, if given, is an HxW map of the fraction of light each pixel
+    lost (e.g. from a flat-field frame); spots it covers are divided out with it.
+    """
+    mask = _validate(image, mask, attenuation_hint)
+    out = image.copy()
+    m8 = mask.astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m8, connectivity=8)
+    total = max(1, int(stats[1:, cv2.CC_STAT_AREA].sum()))
+    done = 0
+    last_report = 0.0
+    for i in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[i])
+        for cy in range(y, y + bh, CHUNK):
+            for cx in range(x, x + bw, CHUNK):
+                if check_cancel:
+                    check_cancel()
+                box = (cy, min(y + bh, cy + CHUNK), cx, min(x + bw, cx + CHUNK))
+                _heal_piece(image, out, mask, labels, i, box, attenuation_hint, bh <= CHUNK and bw <= CHUNK)
+        done += area
+        if progress and done / total - last_report >= 0.02:
+            last_report = done / total
+            progress(min(1.0, last_report))
+    if progress:
+        progress(1.0)
+    return out
+
+
+def _heal_piece(image: np.ndarray, out: np.ndarray, mask: np.ndarray, labels: np.ndarray,
+                label: int, box: tuple[int, int, int, int], hint: np.ndarray | None,
+                whole: bool) -> None:
+    """Repair the pixels of spot ``label`` inside ``box`` (y0, y1, x0, x1)."""
+    H, W = mask.shape
+    y0, y1, x0, x1 = box
+    pad = search_radius(y1 - y0 + 2 * RIM, x1 - x0 + 2 * RIM) + CONTEXT + RIM + 2
+    if whole:  # room for the soft tail of a shadow and a ring of unshadowed pixels
+        r = max(y1 - y0, x1 - x0) // 2 + 1
+        pad = max(pad, 2 * r + 12)
+    wy0, wy1 = max(0, y0 - pad), min(H, y1 + pad)
+    wx0, wx1 = max(0, x0 - pad), min(W, x1 + pad)
+    win = np.ascontiguousarray(image[wy0:wy1, wx0:wx1])
+    if not np.isfinite(win).all():
+        win = np.nan_to_num(win, nan=0.0, posinf=1.0, neginf=0.0)
+    all_mask = mask[wy0:wy1, wx0:wx1]
+    region = labels[wy0:wy1, wx0:wx1] == label
+    if not whole:  # only this piece's pixels
+        cut = np.zeros_like(region)
+        cut[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0] = True
+        region &= cut
+    if not region.any():
+        return
+    shadow, confidence = None, 0.0
+    if whole:
+        h = None if hint is None else hint[wy0:wy1, wx0:wx1]
+        if h is not None and not (h[region] > 0).any():
+            h = None
+        shadow, confidence = shadow_repair(win, all_mask, region, h)
+    if shadow is not None and confidence >= 1.0:
+        values = shadow
+    else:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * RIM + 1, 2 * RIM + 1))
+        unknown = cv2.dilate(all_mask.astype(np.uint8), k).astype(bool)
+        target = cv2.dilate(region.astype(np.uint8), k).astype(bool)
+        rng = np.random.default_rng(label * 7919 + y0 * 31 + x0)
+        values = unmix_speck(win[region], texture_fill(win, unknown, target, rng)[region])
+        if shadow is not None:
+            values = confidence * shadow + (1.0 - confidence) * values
+    view = out[wy0:wy1, wx0:wx1]
+    view[region] = values
+

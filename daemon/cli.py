@@ -406,7 +406,9 @@ def cmd_train_base(args) -> int:
 
     from .model.pretrain import PretrainConfig, train_base
 
-    cfg = PretrainConfig(steps=args.steps, batch=args.batch, crop=args.crop, seed=args.seed, lr=args.lr)
+    cfg = PretrainConfig(steps=args.steps, batch=args.batch, crop=args.crop, seed=args.seed, lr=args.lr,
+                         eval_crops=args.eval_crops, checkpoint_every=args.checkpoint_every,
+                         stop_after=args.stop_after)
     bar = tqdm(total=cfg.steps, desc="pretraining", unit="step", file=sys.stderr)
 
     def progress(step, total, loss):
@@ -419,6 +421,8 @@ def cmd_train_base(args) -> int:
                           log=lambda s: print(f"healdust: {s}", file=sys.stderr))
     finally:
         bar.close()
+    if not meta:
+        return 0
     for kind, m in meta["heldout"]["metrics"].items():
         print(f"held-out {kind}: spot F1 {m['spot_f1']:.3f}, pixel F1 {m['pixel_f1']:.3f}")
     print(f"wrote {args.out} and its model card {Path(args.out).with_suffix('.md')}")
@@ -499,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=2e-3)
     sp.add_argument("--seed", type=int, default=1234)
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--eval-crops", type=int, default=96, help="held-out crops per damage kind for the card")
+    sp.add_argument("--checkpoint-every", type=int, default=100)
+    sp.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_train_base)
     return p
 

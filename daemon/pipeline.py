@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .heal import heal_image
-from .imageio import color_channels, from_float, to_float
+from .imageio import color_channels, color_rgb, from_float, to_float
 from .model.finetune import FineTuneConfig, fine_tune
 from .model.infer import predict_proba
 from .model.unet import DustUNet
@@ -72,6 +72,39 @@ class JobResult:
     notes: list[str] = field(default_factory=list)
 
 
+# Dust covers well under 1 % of a real scan; a threshold that flags more is too low.
+MAX_DUST_FRACTION = 0.01
+MIN_THRESHOLD = 0.2
+
+
+def decide_mask(prob: np.ndarray, threshold: float, image: np.ndarray | None = None, order: str = "RGB",
+                dust: list | None = None, calibrated: bool = True) -> tuple[np.ndarray, float]:
+    """The dust mask from the probability map; returns (mask, threshold used).
+
+    A calibrated threshold is raised until at most MAX_DUST_FRACTION of the image is
+    flagged; the defects the user marked are always in the mask (labelled inside each
+    circle as in fine-tuning); the mask is grown by one pixel to cover soft edges.
+    """
+    t = float(threshold)
+    if calibrated:
+        t = max(t, MIN_THRESHOLD, float(np.quantile(prob, 1 - MAX_DUST_FRACTION)))
+    raw = prob >= t
+    if dust and image is not None:
+        from .model.finetune import dust_inside_marker
+
+        h, w = prob.shape
+        for x, y, r in dust:
+            pad = int(np.ceil(r)) + 2
+            y0, y1 = max(0, int(y) - pad), min(h, int(y) + pad + 1)
+            x0, x1 = max(0, int(x) - pad), min(w, int(x) + pad + 1)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            rgb = to_float(np.ascontiguousarray(color_rgb(image[y0:y1, x0:x1], order)))
+            raw[y0:y1, x0:x1] |= dust_inside_marker(rgb, y - y0, x - x0, r, prob[y0:y1, x0:x1])
+    mask = cv2.dilate(raw.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return mask, t
+
+
 def count_spots(mask: np.ndarray) -> int:
     return int(cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1)
 
@@ -84,7 +117,7 @@ def heal_pixels(image: np.ndarray, order: str, mask: np.ndarray, progress=None, 
     chans = color_channels(order)
     # only the bounding box of the mask is converted to float
     ys, xs = np.nonzero(mask)
-    pad = 48
+    pad = 96  # context for the patch search and the shadow fit
     y0, y1 = max(0, ys.min() - pad), min(mask.shape[0], ys.max() + pad + 1)
     x0, x1 = max(0, xs.min() - pad), min(mask.shape[1], xs.max() + pad + 1)
     sub = image[y0:y1, x0:x1][:, :, chans]
@@ -197,15 +230,15 @@ class Pipeline:
             elif spec.save_model:
                 raise JobError("bad_request", "nothing to save: --save-model needs dust markers to "
                                               "fine-tune on")
-            if spec.threshold is not None:
-                threshold = float(spec.threshold)
             t1 = time.monotonic()
             prob = predict_proba(model, spec.image, spec.order, self.device, tile=self.tile,
                                  progress=lambda f: progress("detect", f), check_cancel=check_cancel)
-            raw = prob >= threshold
+            if spec.threshold is not None:
+                mask, threshold = decide_mask(prob, spec.threshold, spec.image, spec.order, spec.dust,
+                                              calibrated=False)
+            else:
+                mask, threshold = decide_mask(prob, threshold, spec.image, spec.order, spec.dust)
             del prob
-            # the mask covers the defect's soft edge too
-            mask = cv2.dilate(raw.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
             result.threshold = float(threshold)
             result.seconds["detect"] = round(time.monotonic() - t1, 3)
         result.mask = mask.astype(np.uint8) * np.uint8(255)

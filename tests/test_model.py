@@ -167,3 +167,34 @@ def test_newer_format_refused(tmp_path, base):
               metadata={"format": "healdust-weights", "format_version": "99", "meta": "{}"})
     with pytest.raises(WeightsError, match="format version"):
         load_weights(tmp_path / "n.safetensors")
+
+
+def test_train_base_is_reproducible_and_resumable(tmp_path, home):
+    """An interrupted and resumed pretraining gives exactly the weights of an uninterrupted one."""
+    from healdust import synth
+    from healdust.demo import sample_path
+    from healdust.imageio import write_image
+
+    photo = synth.load_photo(sample_path())
+    for i, (y, x) in enumerate([(0, 0), (300, 500)]):
+        write_image(tmp_path / "photos" / f"p{i}.png", photo[y:y + 300, x:x + 400])
+    write_image(tmp_path / "photos" / "heldout" / "h.png", photo[500:800, 800:1200])
+    args = ["--photos", tmp_path / "photos", "--steps", "4", "--batch", "2", "--crop", "64",
+            "--eval-crops", "2", "--checkpoint-every", "2", "--device", "cpu"]
+
+    def run(out, *extra):
+        r = subprocess.run([sys.executable, "-m", "healdust", "train-base", "--out", str(out),
+                            *map(str, args), *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    run(tmp_path / "a.safetensors")
+    r = run(tmp_path / "b.safetensors", "--stop-after", "2")
+    assert not (tmp_path / "b.safetensors").exists() and "stopping at step 2" in r.stderr
+    r = run(tmp_path / "b.safetensors")
+    assert "resuming at step 2" in r.stderr
+    a, meta = load_weights(tmp_path / "a.safetensors")
+    b, _ = load_weights(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["heldout"]["photos"] == ["h.png"] and "h.png" not in meta["train"]["photos"]
+    assert (tmp_path / "a.md").read_text().startswith("# Model card")

@@ -36,6 +36,7 @@ class PretrainConfig:
     widths: tuple[int, int, int, int] = (16, 32, 64, 128)
     eval_crops: int = 96
     checkpoint_every: int = 100
+    stop_after: int | None = None  # stop (checkpointed) after this many steps; for tests of resuming
     heldout: list[str] = field(default_factory=list)
 
 
@@ -133,6 +134,9 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
                         "sched": sched.state_dict(), "step": step + 1,
                         "elapsed": time.monotonic() - t0, "losses": losses}, tmp)
             tmp.replace(ckpt_path)
+            if cfg.stop_after is not None and step + 1 >= cfg.stop_after and step + 1 < cfg.steps:
+                log(f"stopping at step {step + 1} as asked; run again to resume")
+                return {}
     train_s = time.monotonic() - t0
 
     model.eval()

@@ -7,13 +7,14 @@ next one still runs, so one pytest run reports every failure.
 import hashlib
 import os
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kit  # noqa: E402
 from kit import ARGS, RESULTS, K  # noqa: E402
 from PyQt5.QtCore import QTimer  # noqa: E402
-from PyQt5.QtWidgets import QApplication  # noqa: E402
+from PyQt5.QtWidgets import QApplication, QMessageBox  # noqa: E402
 
 NONINTERACTIVE = "HEALDUST_KRITA_NONINTERACTIVE"
 
@@ -128,18 +129,23 @@ def _():
     settings(model="kt", save_as="")
     seen = {}
 
+    deadline = time.monotonic() + 90
+
     def accept_dialog():
-        # interactive run: the dialog must come up with the remembered model preselected
+        # interactive run: the dialog must come up with the remembered model preselected.
+        # Other modal widgets (a progress dialog on a loaded machine) are left alone: keep
+        # looking until the options dialog or a message box shows up.
         dlg = QApplication.activeModalWidget()
-        if dlg is None:
-            QTimer.singleShot(100, accept_dialog)
+        if dlg is not None and hasattr(dlg, "options"):
+            seen["model"] = dlg.options().model
+            dlg.accept()
             return
-        if not hasattr(dlg, "options"):  # a message box instead of the dialog: note it, close it
-            seen.setdefault("boxes", []).append(getattr(dlg, "text", lambda: "?")())
+        if isinstance(dlg, QMessageBox):  # a message instead of the dialog: note it, close it
+            seen.setdefault("boxes", []).append(dlg.text())
             dlg.reject()
             return
-        seen["model"] = dlg.options().model
-        dlg.accept()
+        if time.monotonic() < deadline:
+            QTimer.singleShot(100, accept_dialog)
 
     os.environ[NONINTERACTIVE] = "0"
     QTimer.singleShot(100, accept_dialog)

@@ -91,6 +91,8 @@ def run_demo(out_dir: Path, endpoint: str | None = None, local: bool = False) ->
     outside = ~cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     untouched = bool(np.array_equal(healed[outside], dusty8[outside]))
     secs = res.get("seconds") or {}
+    for note in res.get("notes") or []:
+        print(note)
     print(f"model {res['model']}, threshold {res['threshold']:.2f}; "
           + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     print(f"spots: found {res['spots']}; precision {s.spot_precision:.3f}, recall {s.spot_recall:.3f}, "

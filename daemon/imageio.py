@@ -28,10 +28,6 @@ class LoadedImage:
     order: str                   # GRAY, GRAYA, RGB, RGBA
     camera: dict = field(default_factory=dict)  # make / model / serial from EXIF
 
-    @property
-    def has_alpha(self) -> bool:
-        return self.order.endswith("A")
-
 
 def _png_color_type(path: Path) -> int | None:
     with open(path, "rb") as f:

@@ -378,16 +378,17 @@ class Server:
                 finally:
                     self.running = None
                 # sent after 'running' is cleared: a client that saw the reply sees an idle daemon
-                out.send_multipart([job.client, *self._frames(job.rid, type_, fields, buffers)], copy=False)
+                self._push(out, job, type_, fields, buffers)
         finally:
             out.close(linger=2000)
+
+    def _push(self, out: zmq.Socket, job: Job, type_: str, fields: dict, buffers: list | None = None) -> None:
+        """From the worker to the I/O loop, which forwards it to the job's client."""
+        out.send_multipart([job.client, *self._frames(job.rid, type_, fields, buffers)], copy=False)
 
     def _run(self, out: zmq.Socket, job: Job) -> tuple[str, dict, list | None]:
         """Run one job, streaming its progress; returns its final reply."""
         last = {"t": 0.0, "stage": None}
-
-        def send(type_: str, fields: dict, buffers: list | None = None) -> None:
-            out.send_multipart([job.client, *self._frames(job.rid, type_, fields, buffers)], copy=False)
 
         def check_cancel() -> None:
             if job.cancel.is_set() or self._stop.is_set():
@@ -401,7 +402,7 @@ class Server:
             last.update(t=now, stage=stage)
             fields = {"stage": stage, "fraction": round(float(fraction), 4)}
             fields.update({k: float(v) if isinstance(v, (int, float)) else v for k, v in extra.items()})
-            send("progress", fields)
+            self._push(out, job, "progress", fields)
 
         try:
             check_cancel()

@@ -110,15 +110,6 @@ class DustUNet(nn.Module):
             p.requires_grad_(False)
         self.encoder.eval()
 
-    def unfreeze_encoder(self) -> None:
-        self._encoder_frozen = False
-        for p in self.encoder.parameters():
-            p.requires_grad_(True)
-
-    @property
-    def encoder_frozen(self) -> bool:
-        return self._encoder_frozen
-
     def train(self, mode: bool = True) -> DustUNet:
         super().train(mode)
         if self._encoder_frozen:

@@ -16,9 +16,10 @@ import torch
 
 from .heal import heal_image
 from .imageio import color_channels, color_rgb, from_float, to_float
-from .model.finetune import FineTuneConfig, fine_tune
+from .model.finetune import FineTuneConfig, dust_inside_marker, fine_tune
 from .model.infer import predict_proba
 from .model.unet import DustUNet
+from .model.weights_io import WeightsError
 from .store import ModelStore, load_base_model
 
 ProgressFn = Callable[..., None]  # progress(stage, fraction, **extra)
@@ -90,8 +91,6 @@ def decide_mask(prob: np.ndarray, threshold: float, image: np.ndarray | None = N
         t = max(t, MIN_THRESHOLD, float(np.quantile(prob, 1 - MAX_DUST_FRACTION)))
     raw = prob >= t
     if dust and image is not None:
-        from .model.finetune import dust_inside_marker
-
         h, w = prob.shape
         for x, y, r in dust:
             pad = int(np.ceil(r)) + 2
@@ -159,8 +158,6 @@ class Pipeline:
         if hit and hit[0] == mtime:
             self._cache.move_to_end(name)
             return hit[1], hit[2]
-        from .model.weights_io import WeightsError
-
         try:
             model, meta = self.store.load(name, self.base, self.base_meta)
         except WeightsError as e:

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .model.unet import DustUNet, UNetConfig
-from .model.weights_io import WeightsError, atomic_write_bytes, load_weights, save_weights
+from .model.weights_io import WeightsError, atomic_write_bytes, load_weights, read_meta, save_weights
 from .protocol.codec import MODEL_NAME_RE
 
 BASE_WEIGHTS = "base.safetensors"
@@ -89,8 +89,7 @@ class ModelStore:
         p = self.path(name)
         if not p.exists():
             raise ModelNotFound(name)
-        _, meta = load_weights(p)
-        return meta
+        return read_meta(p)
 
     def load(self, name: str, base: DustUNet, base_meta: dict) -> tuple[DustUNet, dict]:
         p = self.path(name)
@@ -129,7 +128,7 @@ class ModelStore:
         out = []
         for p in sorted(self.dir.glob("*.safetensors")):
             try:
-                _, meta = load_weights(p)
+                meta = read_meta(p)
                 meta["size_bytes"] = p.stat().st_size
             except WeightsError as e:
                 meta = {"name": p.stem, "error": str(e)}

@@ -8,8 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 FORMAT = "healdust-weights"
@@ -53,14 +52,12 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     atomic_write_bytes(path, data)
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    path = Path(path)
+def _open(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """One pass over the file: its header metadata and, if asked, its tensors."""
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except FileNotFoundError:
         raise WeightsError(f"model file {path} does not exist") from None
     except (SafetensorError, OSError, ValueError) as e:
@@ -82,3 +79,12 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(meta, dict):
         raise WeightsError(f"model file {path} has unreadable metadata")
     return tensors, meta
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return _open(Path(path), with_tensors=True)
+
+
+def read_meta(path: str | Path) -> dict:
+    """The metadata alone (the header is checked; the tensors are not read)."""
+    return _open(Path(path), with_tensors=False)[1]

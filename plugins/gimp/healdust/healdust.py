@@ -139,6 +139,17 @@ def _put_layer(image, source, above, existing: dict, name: str, layer_type, enco
     return layer
 
 
+def _write_undoable(image, source, healed: bytes, mask: bytes | None) -> None:
+    """Both procedures' last step: the result layers in one undo group, closed on every path."""
+    wf = _wire_format(image, source)
+    image.undo_group_start()
+    try:
+        write_results(image, source, wf, healed, mask)
+    finally:
+        image.undo_group_end()
+    Gimp.progress_update(1.0)
+
+
 def write_results(image, source, wf: pixels.WireFormat, healed: bytes, mask: bytes | None) -> None:
     """"Healed" directly above the source, "Dust mask" above it (hidden, in Screen mode so
     that showing it lights up the dust over the picture; white = dust, black = clean)."""
@@ -321,13 +332,7 @@ def heal(image, drawables, config) -> None:
     w, h = desc["width"], desc["height"]
     healed = _check_result(ev, "healed", w, h, desc["order"], desc["dtype"])
     mask = _check_result(ev, "mask", w, h, "GRAY", "u8")
-    wf = _wire_format(image, source)
-    image.undo_group_start()
-    try:
-        write_results(image, source, wf, healed, mask)
-    finally:
-        image.undo_group_end()
-    Gimp.progress_update(1.0)
+    _write_undoable(image, source, healed, mask)
     spots = ev.get("spots")
     Gimp.progress_set_text(f"healdust: {spots} spots healed (markers from the {origin})"
                            if spots is not None else "healdust: done")
@@ -384,13 +389,7 @@ def heal_mask(image, drawables, config) -> None:
                  "stride": w}
     ev = _call(endpoint, {"image": desc, "mask": mask_desc}, [data, mask], progress)
     healed = _check_result(ev, "healed", w, h, desc["order"], desc["dtype"])
-    wf = _wire_format(image, source)
-    image.undo_group_start()
-    try:
-        write_results(image, source, wf, healed, None)
-    finally:
-        image.undo_group_end()
-    Gimp.progress_update(1.0)
+    _write_undoable(image, source, healed, None)
 
 
 # ------------------------------------------------------------------------------------------

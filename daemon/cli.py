@@ -15,9 +15,11 @@ import numpy as np
 
 from . import __version__
 from .imageio import ImageError, LoadedImage, read_image, read_mask, write_image, write_mask
-from .protocol.client import Client, DaemonUnavailable, JobCancelled, RemoteError, default_endpoint
-from .protocol.codec import ImageDesc
+from .protocol import keys
+from .protocol.client import Client, DaemonLost, DaemonUnavailable, JobCancelled, RemoteError, default_endpoint
+from .protocol.codec import DEFAULT_LIMITS, ImageDesc, Limits
 
+RESUBMITS = 2  # times a job is sent again after the daemon went away mid-job
 SAMPLE_DTYPES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.float16): "f16",
                  np.dtype(np.float32): "f32"}
 
@@ -101,17 +103,28 @@ def start_daemon(endpoint: str, wait: float = 90.0) -> None:
     raise CliError(f"the healdust daemon did not answer at {endpoint} within {wait:.0f} s (log: {log_path})")
 
 
+def ensure_daemon(endpoint: str) -> None:
+    """Make sure a daemon answers at ``endpoint``, starting one in the background if none does."""
+    with Client(endpoint) as c:
+        try:
+            c.hello(timeout=1.5)
+            return
+        except DaemonUnavailable:
+            pass
+    if not is_local_endpoint(endpoint):
+        raise CliError(f"no healdust daemon answers at {endpoint}")
+    print(f"healdust: starting a daemon at {endpoint}", file=sys.stderr)
+    start_daemon(endpoint)
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    return keys.endpoint_kind(endpoint) != "network"
+
+
 def connect(endpoint: str | None) -> Client:
     endpoint = endpoint or default_endpoint()
-    client = Client(endpoint, timeout=600.0)
-    try:
-        client.hello(timeout=1.5)
-    except DaemonUnavailable:
-        client.close()
-        print(f"healdust: starting a daemon at {endpoint}", file=sys.stderr)
-        start_daemon(endpoint)
-        client = Client(endpoint, timeout=600.0)
-    return client
+    ensure_daemon(endpoint)
+    return Client(endpoint, timeout=600.0)
 
 
 def image_request(img: LoadedImage, frame: int = 1) -> tuple[dict, np.ndarray]:
@@ -139,6 +152,19 @@ def heal_via_daemon(client: Client, img: LoadedImage, fields: dict, mask: np.nda
         mdesc = ImageDesc.packed(mask.shape[1], mask.shape[0], "GRAY", "u8", 2).to_dict()
         fields["mask"] = mdesc
         buffers.append((mask.astype(np.uint8) * 255)[:, :, None])
+    for attempt in range(1 + RESUBMITS):
+        try:
+            return _one_job(client, fields, buffers, progress)
+        except DaemonLost as e:
+            if attempt == RESUBMITS:
+                raise CliError(f"{e}; gave up after {RESUBMITS} resubmissions") from None
+            print("healdust: the daemon went away during the job; resubmitting it", file=sys.stderr)
+            ensure_daemon(client.endpoint)
+            client.reset()
+    raise AssertionError("unreachable")
+
+
+def _one_job(client: Client, fields: dict, buffers: list, progress) -> dict:
     rid = client.submit("heal", fields, buffers)
     try:
         for ev in client.events(rid):
@@ -286,15 +312,35 @@ def cmd_batch(args) -> int:
 def cmd_serve(args) -> int:
     from .pipeline import Pipeline
     from .server import Server, is_loopback_endpoint
+    from .store import healdust_home
 
     endpoint = args.endpoint or default_endpoint()
+    server_keys = None
+    if endpoint.startswith("ipc://@"):
+        raise CliError(f"refusing to listen on {endpoint}: an abstract ipc socket has no owner; "
+                       "use a path in a private folder")
     if not is_loopback_endpoint(endpoint):
-        raise CliError(f"refusing to listen on {endpoint}: only loopback or ipc:// endpoints are "
-                       "allowed (encrypted remote access is not implemented yet)")
+        try:
+            server_keys = keys.ensure_keys(healdust_home(), create=False)
+        except keys.KeysError as e:
+            raise CliError(f"refusing to listen on {endpoint} without CURVE keys ({e}); create them with "
+                           f"`healdust keys add-client NAME`, then copy the folder it writes to the client "
+                           f"machine") from None
+    elif keys.endpoint_kind(endpoint) == "loopback":
+        server_keys = keys.ensure_keys(healdust_home())
+    if server_keys is not None and server_keys.fixed_modes:
+        print(f"healdust: made key files private again: {', '.join(server_keys.fixed_modes)}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s healdust %(levelname)s %(message)s",
                         stream=sys.stderr)
+    limits = Limits(max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
+                    max_pixels=args.max_pixels)
+    if min(args.max_queue, args.max_queue_per_client, args.max_pixels, args.tile) < 1:
+        raise CliError("--max-queue, --max-queue-per-client, --max-pixels and --tile must be positive")
     pipeline = Pipeline(args.device, tile=args.tile)
-    server = Server(endpoint, pipeline)
+    if pipeline.store.clean_leftovers():
+        logging.getLogger("healdust.daemon").info("removed temporary files of interrupted saves")
+    warm_up(pipeline)
+    server = Server(endpoint, pipeline, limits, server_keys=server_keys)
 
     def ready(ep: str) -> None:
         print(f"healdust ready {ep}", flush=True)
@@ -309,6 +355,51 @@ def cmd_serve(args) -> int:
         if isinstance(e, zmq.ZMQError):
             raise CliError(f"cannot listen on {endpoint}: {e}") from None
         raise
+    return 0
+
+
+def warm_up(pipeline) -> None:
+    """One tiny job of each kind before serving: torch's lazy imports and first-call setup
+    happen now, not inside a user's job (where, short of memory, they would fail oddly)."""
+    from .pipeline import JobSpec
+
+    rng = np.random.default_rng(0)
+    tiny = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+    spot = np.zeros((48, 48), bool)
+    spot[20:24, 20:24] = True
+    pipeline.run(JobSpec(kind="detect", image=tiny))
+    pipeline.run(JobSpec(kind="inpaint", image=tiny, mask=spot))
+
+
+def cmd_keys(args) -> int:
+    from .store import healdust_home
+
+    home = healdust_home()
+    if args.action == "show":
+        k = keys.ensure_keys(home)
+        folder = keys.keys_dir(home)
+        print(f"keys folder: {folder} (owner only)")
+        print(f"  loopback access token: {folder / keys.TOKEN_FILE}")
+        print(f"  CURVE server public key: {k.public.decode()} ({folder / keys.SERVER_PUBLIC})")
+        allowed = sorted(p.stem for p in k.clients.glob("*.key"))
+        print(f"  clients allowed over the network: {', '.join(allowed) or 'none'} ({k.clients})")
+        return 0
+    name = args.name or ""
+    if not name:
+        raise CliError("add-client needs a NAME")
+    from .protocol.codec import MODEL_NAME_RE
+
+    if not MODEL_NAME_RE.match(name):
+        raise CliError(f"client name {name!r}: use letters, digits, '.', '_' and '-'")
+    out = Path(args.out or f"healdust-keys-{name}")
+    if out.exists():
+        raise CliError(f"{out} exists already; choose another --out")
+    try:
+        target = keys.add_client(name, out, home)
+    except keys.KeysError as e:
+        raise CliError(str(e)) from None
+    print(f"allowed client {name!r} ({target}); restart the daemon to let it in.")
+    print(f"copy {out} to the client machine as its HEALDUST_HOME/keys (keep it private)")
     return 0
 
 
@@ -449,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     where(sp, local=False)
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--tile", type=int, default=512, help="inference tile size in px (smaller: less memory)")
+    sp.add_argument("--max-queue", type=int, default=DEFAULT_LIMITS.max_queue,
+                    help="jobs waiting in all; past it clients get a 'busy' reply")
+    sp.add_argument("--max-queue-per-client", type=int, default=DEFAULT_LIMITS.max_queue_per_client)
+    sp.add_argument("--max-pixels", type=int, default=DEFAULT_LIMITS.max_pixels,
+                    help="largest image accepted, in pixels")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("heal", help="find and heal dust in one image")
@@ -482,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
     where(sp, local=False)
     sp.add_argument("--local", action="store_true", help="run in this process, without a daemon")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("keys", help="where the access keys are; let another machine in")
+    sp.add_argument("action", nargs="?", default="show", choices=["show", "add-client"])
+    sp.add_argument("name", nargs="?", help="add-client: a name for the client machine")
+    sp.add_argument("--out", help="add-client: the folder to write for the client (default: ./healdust-keys-NAME)")
+    sp.set_defaults(func=cmd_keys)
 
     sp = sub.add_parser("install-plugin", help="install the Krita or GIMP plugin for this user")
     sp.add_argument("editor", choices=["krita", "gimp"])

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .plugin_bundle import bundle_protocol, plugin_source
 from .protocol.client import default_endpoint
+from .protocol.keys import default_home
 
 PLUGIN_NAME = "healdust"
 SETTINGS_FILE = "healdust-settings.json"  # read by healdust_gimp/link.py
@@ -154,7 +155,7 @@ def ensure_dependencies(dest: Path, python: str | None = None) -> str:
 
 def install(plugins_dir: Path | None = None, serve_command: list[str] | None = None, *,
             endpoint: str | None = None, python: str | None = None,
-            install_dependencies: bool = True) -> Path:
+            install_dependencies: bool = True, home: str | Path | None = None) -> Path:
     """Install the GIMP 3 plug-in into ``plugins_dir`` (default: the user's GIMP 3
     ``plug-ins`` folder); returns the plug-in's folder.
 
@@ -180,6 +181,7 @@ def install(plugins_dir: Path | None = None, serve_command: list[str] | None = N
     settings = {
         "serve_command": list(serve_command) if serve_command else default_serve_command(),
         "endpoint": endpoint or default_endpoint(),
+        "home": str(home or default_home()),  # where the daemon keeps this user's access token
     }
     try:
         if install_dependencies:

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import __version__ as _version
 from .plugin_bundle import bundle_protocol, plugin_source
 from .protocol.client import default_endpoint
+from .protocol.keys import default_home
 
 PLUGIN = "healdust"
 SETTINGS_FILE = "settings.json"
@@ -208,7 +209,7 @@ def _copy_plugin(dest_pykrita: Path) -> Path:
 
 def install(pykrita_dir: Path | None = None, kritarc: Path | None = None,
             serve_command: list[str] | None = None, endpoint: str | None = None,
-            log: Log = _quiet) -> Path:
+            log: Log = _quiet, home: Path | None = None) -> Path:
     """Install the plugin for this user; returns the installed package folder.
 
     serve_command: how Krita starts the daemon when none answers (default: this Python's
@@ -224,6 +225,7 @@ def install(pykrita_dir: Path | None = None, kritarc: Path | None = None,
         "endpoint": endpoint or default_endpoint(),
         "serve_command": list(serve_command) if serve_command else [sys.executable, "-m", "healdust", "serve"],
         "installed_by": f"healdust {_version}",
+        "home": str(home or default_home()),  # where the daemon keeps this user's access token
     }
     (package / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     rc = Path(kritarc) if kritarc else default_kritarc()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-PROTOCOL_FILES = ("__init__.py", "codec.py", "client.py", "SPEC.md")
+PROTOCOL_FILES = ("__init__.py", "codec.py", "client.py", "keys.py", "SPEC.md")
 BUNDLED_PROTOCOL = "healdust_protocol"
 
 

@@ -9,15 +9,14 @@ so only the I/O thread ever touches the ROUTER.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
+import os
 import signal
 import threading
 import time
 import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
@@ -25,7 +24,7 @@ import zmq
 from . import __version__
 from .model.weights_io import WeightsError
 from .pipeline import Cancelled, JobError, JobSpec, Pipeline
-from .protocol import codec
+from .protocol import codec, keys
 from .protocol.codec import ImageDesc, Limits, ProtocolError
 from .store import ModelNotFound
 
@@ -35,19 +34,11 @@ NP_DTYPES = {"u8": np.dtype("u1"), "u16": np.dtype("<u2"), "f16": np.dtype("<f2"
 PROTO_DTYPES = {np.dtype("u1"): "u8", np.dtype("<u2"): "u16", np.dtype("<f2"): "f16", np.dtype("<f4"): "f32"}
 JOB_TYPES = ("heal", "detect", "inpaint")
 PROGRESS_INTERVAL = 0.1  # s between progress events of one job (stage changes always go)
+ZAP_DOMAIN = "healdust"
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
-    parts = urlsplit(endpoint)
-    if parts.scheme in ("ipc", "inproc"):
-        return True
-    host = (parts.hostname or "").strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return keys.endpoint_kind(endpoint) != "network"
 
 
 def image_from_frame(desc: ImageDesc, buf) -> np.ndarray:
@@ -140,8 +131,14 @@ class FairQueue:
 
 
 class Server:
-    def __init__(self, endpoint: str, pipeline: Pipeline, limits: Limits | None = None):
+    def __init__(self, endpoint: str, pipeline: Pipeline, limits: Limits | None = None,
+                 server_keys: keys.ServerKeys | None = None):
+        """server_keys: required for TCP endpoints (PLAIN token on loopback, CURVE elsewhere)."""
         self.endpoint = endpoint
+        self.kind = keys.endpoint_kind(endpoint)
+        if self.kind != "ipc" and server_keys is None:
+            raise keys.KeysError(f"listening on {endpoint} needs keys (keys.ensure_keys)")
+        self.keys = server_keys
         self.pipeline = pipeline
         self.limits = limits or codec.DEFAULT_LIMITS
         self.queue = FairQueue(self.limits)
@@ -184,10 +181,13 @@ class Server:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_pixels * 16 + self.limits.max_header_bytes)
+        auth = self._secure(router)
         router.bind(self.endpoint)
         self._router = router
         if self.endpoint.endswith(":0") or self.endpoint.endswith(":*"):
             self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.kind == "ipc":
+            _private_ipc(self.endpoint)
         inbox = self.ctx.socket(zmq.PULL)
         inbox.bind(self._out_addr)
         worker = threading.Thread(target=self._worker, name="healdust-worker", daemon=True)
@@ -225,10 +225,31 @@ class Server:
             worker.join(timeout=5)
             router.close(0)
             inbox.close(0)
+            if auth is not None:
+                auth.stop()
             self.ctx.term()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _secure(self, router: zmq.Socket):
+        """Who may connect: a ZAP handler checking the PLAIN token (loopback) or CURVE keys."""
+        if self.kind == "ipc":
+            return None
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("healdust.auth"))
+        auth.start()
+        if self.kind == "loopback":
+            auth.configure_plain(domain=ZAP_DOMAIN, passwords={keys.PLAIN_USER.decode(): self.keys.token.decode()})
+            router.plain_server = True
+        else:
+            auth.configure_curve(domain=ZAP_DOMAIN, location=str(self.keys.clients))
+            router.curve_server = True
+            router.curve_publickey = self.keys.public
+            router.curve_secretkey = self.keys.secret
+        router.zap_domain = ZAP_DOMAIN.encode()
+        return auth
 
     def _handle(self, router: zmq.Socket, frames: list) -> None:
         client = frames[0].bytes
@@ -253,6 +274,9 @@ class Server:
             self._error(router, client, msg.id, "not_found", str(e))
         except WeightsError as e:
             self._error(router, client, msg.id, "bad_model", str(e))
+        except OSError as e:  # a full disk, a read-only folder: the old files are untouched
+            self._error(router, client, msg.id, "storage", f"could not write to the model store: "
+                                                           f"{e.strerror or e}; nothing was changed")
         except ValueError as e:
             self._error(router, client, msg.id, "bad_request", str(e))
         except Exception as e:  # never let one message take the daemon down
@@ -421,7 +445,10 @@ class Server:
             return "cancelled", {}, None
         except JobError as e:
             return "error", {"code": e.code, "message": e.message}, None
-        except (MemoryError, _oom_error()) as e:
+        except (MemoryError, _oom_error(), RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _is_oom(e):
+                log.error("job %s failed: %s", job.rid, traceback.format_exc())
+                return "error", {"code": "internal", "message": f"internal error: {type(e).__name__}: {e}"}, None
             log.error("out of memory: %s", e)
             return "error", {"code": "out_of_memory",
                              "message": "out of memory on this image; try a smaller tile size "
@@ -431,6 +458,19 @@ class Server:
         except Exception as e:
             log.error("job %s failed: %s", job.rid, traceback.format_exc())
             return "error", {"code": "internal", "message": f"internal error: {type(e).__name__}: {e}"}, None
+
+
+def _private_ipc(endpoint: str) -> None:
+    """Only the owner may connect to an ipc:// socket (connecting needs write permission)."""
+    path = endpoint[len("ipc://"):]
+    if path and not path.startswith("@") and os.path.exists(path):
+        os.chmod(path, 0o600)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """torch reports a failed CPU allocation as a RuntimeError, not as MemoryError."""
+    text = str(e).lower()
+    return "can't allocate memory" in text or "out of memory" in text
 
 
 def _oom_error() -> type[BaseException]:

@@ -122,6 +122,23 @@ class ModelStore:
                 raise WeightsError(f"model file {p} does not fit this architecture") from None
         return model.to(next(base.parameters()).device).eval()
 
+    def clean_leftovers(self) -> int:
+        """Remove the temporary files of saves that were killed midway; returns how many.
+
+        A save writes ``.NAME.*.tmp`` (or ``.import-*``) and renames it over the model, so a
+        leftover temporary file is never a model anyone could have used.
+        """
+        if not self.dir.is_dir():
+            return 0
+        gone = 0
+        for p in [*self.dir.glob(".*.tmp"), *self.dir.glob(".import-*.safetensors")]:
+            try:
+                p.unlink()
+                gone += 1
+            except OSError:
+                pass
+        return gone
+
     def list(self) -> list[dict]:
         if not self.dir.is_dir():
             return []
@@ -156,7 +173,7 @@ class ModelStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=self.dir, prefix=".import-")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as f:  # a full disk fails here, before the model is touched
                 f.write(data)
             tensors, meta = load_weights(tmp)
             if base is not None:

@@ -23,6 +23,7 @@ import msgpack
 import zmq
 
 from .codec import FINAL_TYPES, encode
+from .keys import KeysError, apply_client_security, client_security
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:47137"
 
@@ -33,6 +34,13 @@ def default_endpoint() -> str:
 
 class DaemonUnavailable(ConnectionError):
     """No daemon answered at the endpoint in time."""
+
+
+class DaemonLost(DaemonUnavailable):
+    """The connection dropped while a request was open: the daemon stopped or restarted.
+
+    The request is gone with it; send it again (the daemon keeps nothing across a restart).
+    """
 
 
 class RemoteError(RuntimeError):
@@ -65,24 +73,69 @@ _counter = itertools.count(1)
 
 class Client:
     def __init__(self, endpoint: str | None = None, timeout: float = 30.0,
-                 context: zmq.Context | None = None, curve: dict | None = None):
-        """timeout: seconds to wait with no event at all before giving up on the daemon."""
+                 context: zmq.Context | None = None, home: str | None = None, security: dict | str = "auto"):
+        """timeout: seconds to wait with no event at all before giving up on the daemon.
+
+        security: "auto" finds this user's token or keys under ``home`` (default: HEALDUST_HOME,
+        see keys.py) as the endpoint needs them; a dict from ``keys.client_security``; or None.
+        """
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve:
-            self._sock.curve_serverkey = curve["server_public"]
-            self._sock.curve_publickey = curve["public"]
-            self._sock.curve_secretkey = curve["secret"]
-        self._sock.connect(self.endpoint)
+        self._hint = ""
+        self._home = home
+        # keys not there yet (a daemon about to be started creates them): look again later
+        self._keys_pending = False
+        if security == "auto":
+            try:
+                security = client_security(self.endpoint, home)
+            except KeysError as e:
+                security, self._hint, self._keys_pending = None, f" ({e})", True
+        self._security = security
+        self._monitor = None
+        self._open_socket()
         self._pending: dict[str, deque] = defaultdict(deque)
         self._open: set[str] = set()
+        self._lost = False
         self._prefix = f"{os.getpid():x}-{id(self) & 0xffff:x}-"
 
     # -- plumbing -------------------------------------------------------------------
+    def _open_socket(self) -> None:
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        apply_client_security(self._sock, self._security)
+        # connection events: a drop while a request is open means the daemon went away
+        self._shook = False  # a handshake succeeded on the current connection
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self._sock.connect(self.endpoint)
+
+    def _load_pending_keys(self) -> bool:
+        """When the keys were missing at first: if they exist now, reconnect with them."""
+        if not self._keys_pending:
+            return False
+        try:
+            security = client_security(self.endpoint, self._home)
+        except KeysError:
+            return False
+        self._security, self._keys_pending, self._hint = security, False, ""
+        self.reset()
+        return True
+
+    def reset(self) -> None:
+        """A fresh connection (after DaemonLost); open requests are forgotten."""
+        self.close()
+        self._pending.clear()
+        self._open.clear()
+        self._lost = False
+        self._open_socket()
+
     def close(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
         self._sock.close(0)
 
     def __enter__(self) -> Client:
@@ -101,6 +154,8 @@ class Client:
         track=False: nobody will read the reply (it is dropped when it arrives).
         """
         rid = id_ or self.new_id()
+        self._load_pending_keys()
+        self._read_monitor()  # a drop before this request is not this request's
         frames = encode(type_, rid, fields, buffers)
         self._sock.send_multipart(frames, copy=False)
         if track:
@@ -111,21 +166,57 @@ class Client:
         """Ask the daemon to stop request ``rid``; its events end with ``cancelled``."""
         self.submit("cancel", {"target": rid}, track=False)
 
+    def _read_monitor(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
+            frames = self._monitor.recv_multipart()
+            event = int.from_bytes(frames[0][:2], "little")
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._shook = True
+            elif event == zmq.EVENT_DISCONNECTED and self._shook:
+                self._shook = False
+                self._lost = self._lost or bool(self._open)
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                if self._load_pending_keys():
+                    return  # reconnected with the keys the new daemon made; callers resend
+                raise RemoteError("denied", f"the healdust daemon at {self.endpoint} refused this client"
+                                            f"{self._hint or ': wrong access token or key'}; "
+                                            f"is HEALDUST_HOME the daemon's?")
+
+    def _watch(self) -> None:
+        """Read connection events; raise DaemonLost/RemoteError when an open request cannot finish."""
+        self._read_monitor()
+        if self._lost:
+            self._lost = False
+            while self._sock.poll(0, zmq.POLLIN):  # what arrived before the drop still counts
+                self._read_one()
+            lost = sorted(r for r in self._open if not any(ev.final for ev in self._pending.get(r, ())))
+            if lost:
+                for rid in lost:
+                    self._open.discard(rid)
+                    self._pending.pop(rid, None)
+                raise DaemonLost(f"the healdust daemon at {self.endpoint} went away (stopped or restarted) "
+                                 f"while request(s) {', '.join(lost)} were open; send them again")
+
     def _receive(self, timeout_ms: int) -> bool:
+        self._watch()
         if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            self._watch()
             return False
+        self._read_one()
+        return True
+
+    def _read_one(self) -> None:
         frames = self._sock.recv_multipart(copy=False)
         try:
             header = msgpack.unpackb(frames[0].bytes, raw=False)
         except Exception:
-            return True  # not ours to understand; ignore
+            return  # not ours to understand; ignore
         if not isinstance(header, dict):
-            return True
+            return
         rid = header.get("id")
         if isinstance(rid, str):
             self._pending[rid].append(Event(str(header.get("type")), header,
                                             [f.buffer for f in frames[1:]]))
-        return True
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         """All events that have arrived (waiting at most ``timeout`` s for the first)."""
@@ -160,7 +251,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DaemonUnavailable(f"no answer from the healdust daemon at {self.endpoint} "
-                                        f"within {timeout:.0f} s")
+                                        f"within {timeout:.0f} s{self._hint}")
             self._receive(int(min(left, 0.2) * 1000) + 1)
             # drop replies to requests nobody waits for (e.g. cancel acknowledgements)
             for other in [k for k in self._pending if k not in self._open]:

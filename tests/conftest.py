@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,34 @@ import pytest
 
 from healdust import synth
 from healdust.demo import sample_path
+from healdust.protocol import keys
+
+# One set of keys for the whole run: every test daemon gets a copy in its HEALDUST_HOME and
+# the test process's HEALDUST_HOME points at one too, so Client() finds the token by itself.
+_SESSION_HOME: Path | None = None
+
+
+def give_keys(home: Path) -> Path:
+    """Copy the run's keys into ``home/keys`` (nothing when it has keys already)."""
+    home.mkdir(parents=True, exist_ok=True)
+    if _SESSION_HOME is not None and not (home / "keys").exists():
+        shutil.copytree(_SESSION_HOME / "keys", home / "keys")
+    return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory):
+    global _SESSION_HOME
+    h = tmp_path_factory.mktemp("session-home")
+    keys.ensure_keys(h)
+    _SESSION_HOME = h
+    old = os.environ.get("HEALDUST_HOME")
+    os.environ["HEALDUST_HOME"] = str(h)
+    yield h
+    if old is None:
+        os.environ.pop("HEALDUST_HOME", None)
+    else:
+        os.environ["HEALDUST_HOME"] = old
 
 
 def free_port() -> int:
@@ -26,14 +55,16 @@ def free_port() -> int:
 
 
 class DaemonProcess:
-    def __init__(self, home: Path, endpoint: str | None = None, extra_env: dict | None = None):
-        self.home = home
+    def __init__(self, home: Path, endpoint: str | None = None, extra_env: dict | None = None,
+                 preexec_fn=None, args: tuple = ()):
+        self.home = give_keys(home)
         self.endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
         env = dict(os.environ, HEALDUST_HOME=str(home), PYTHONUNBUFFERED="1")
         env.update(extra_env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "healdust", "serve", "--endpoint", self.endpoint,
-                                      "--device", "cpu"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                      "--device", "cpu", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=preexec_fn)
         self.stderr_lines: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         deadline = time.monotonic() + 90
@@ -73,7 +104,7 @@ def daemon(tmp_path_factory):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
+    h = give_keys(tmp_path / "home")
     monkeypatch.setenv("HEALDUST_HOME", str(h))
     return h
 

@@ -85,10 +85,11 @@ def test_exit_codes_and_one_line_errors(tmp_path, home, sample):
         (["heal", tmp_path / "in.png", "-o", tmp_path / "o.png", "--model", "nope", "--local"], "nope"),
         (["heal", tmp_path / "in.png", "-o", tmp_path / "o.png", "--mode", "scratch", "--local"], "marker"),
         (["models", "show", "nope"], "no saved model"),
-        (["serve", "--endpoint", "tcp://0.0.0.0:5999"], "loopback"),
+        # a home without keys: a network endpoint needs CURVE keys made beforehand
+        (["serve", "--endpoint", "tcp://0.0.0.0:5999"], "without CURVE keys"),
     ]
     for args, words in cases:
-        r = healdust(*args, home=home)
+        r = healdust(*args, home=tmp_path / "no-keys" if args[0] == "serve" else home)
         assert r.returncode != 0, args
         lines = [ln for ln in r.stderr.strip().splitlines() if ln]
         assert len(lines) == 1 and lines[0].startswith("healdust: ") and words in lines[0], (args, r.stderr)
@@ -195,3 +196,35 @@ def test_demo_runs_the_whole_job_through_a_daemon(tmp_path, home):
         assert after.shape == before.shape and not np.array_equal(after, before)
     finally:
         _stop_daemon(endpoint)
+
+
+def test_heal_resubmits_when_the_daemon_dies_mid_job(tmp_path, home):
+    """SIGKILL the daemon while the CLI's job fine-tunes: the CLI starts a new one and sends the job again."""
+    import signal
+    import time
+
+    from .conftest import DaemonProcess
+
+    clean, dusty, truth = dusty_image(224, seed=12, count=12, kind="film")
+    write_image(tmp_path / "in.png", to_u8(dusty))
+    (tmp_path / "markers.json").write_text(json.dumps({"dust": markers_for(truth, 4), "not_dust": []}))
+    d = DaemonProcess(home)
+    env = dict(os.environ, HEALDUST_HOME=str(home), HEALDUST_ENDPOINT=d.endpoint)
+    cli = subprocess.Popen([sys.executable, "-m", "healdust", "heal", str(tmp_path / "in.png"), "-o",
+                            str(tmp_path / "out.png"), "--markers-file", str(tmp_path / "markers.json"),
+                            ], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 120
+        with Client(d.endpoint) as c:  # wait until the CLI's job is running
+            while c.call("status").get("running") is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        d.stop(signal.SIGKILL)
+        out, err = cli.communicate(timeout=400)
+        assert cli.returncode == 0, err
+        assert "went away during the job; resubmitting" in err and "starting a daemon" in err
+        assert "spots healed" in out and (tmp_path / "out.png").exists()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        _stop_daemon(d.endpoint)

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from healdust.metrics import score_masks
-from healdust.protocol import ImageDesc
+from healdust.protocol import ImageDesc, keys
 from healdust.protocol.client import Client, JobCancelled, RemoteError
 
 from .conftest import dusty_image, markers_for, to_u8, to_u16
@@ -165,6 +165,7 @@ def test_bad_requests_get_errors_and_daemon_keeps_serving(daemon):
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    keys.apply_client_security(s, keys.client_security(daemon.endpoint))
     s.connect(daemon.endpoint)
 
     def ask(frames):

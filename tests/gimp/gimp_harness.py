@@ -115,6 +115,7 @@ def to_u16(img: np.ndarray) -> np.ndarray:
 
 class Daemon:
     def __init__(self, home: Path):
+        self.home = home
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         env = dict(os.environ, HEALDUST_HOME=str(home))
         env.pop("HEALDUST_ENDPOINT", None)
@@ -263,9 +264,14 @@ def gimp_run(tmp_path_factory) -> GimpRun:
         chroot_python.write_text(f'#!/bin/sh\nexec chroot "{root}" /usr/bin/python3 "$@"\n')
         chroot_python.chmod(0o755)
         relay_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        # the daemon's keys where the chroot sees them: the plug-in finds the token through the
+        # installer's record of HEALDUST_HOME, the relay presents it upstream
+        shutil.copytree(daemon.home / "keys", job / "home" / "keys")
         serve = ["/usr/bin/python3", f"{cjob}/relay_serve.py", "--upstream", daemon.endpoint,
+                 "--token", f"{cjob}/home/keys/local.token",
                  "--log", f"{cjob}/requests.jsonl", "--pidfile", f"{cjob}/relay.pid", "--lifetime", "400"]
-        dest = install(job / "plugins", serve, endpoint=relay_endpoint, python=str(chroot_python))
+        dest = install(job / "plugins", serve, endpoint=relay_endpoint, python=str(chroot_python),
+                       home=f"{cjob}/home")
         (job / "gimpcfg").mkdir()
         (job / "gimpcfg" / "gimprc").write_text(
             f'(plug-in-path "${{gimp_dir}}/plug-ins:${{gimp_plug_in_dir}}/plug-ins:{cjob}/plugins")\n')

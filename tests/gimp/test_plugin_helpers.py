@@ -237,12 +237,11 @@ FAKE_DAEMON = textwrap.dedent("""
 
 
 def test_connect_starts_the_serve_command_and_waits_for_hello(link, tmp_path, monkeypatch):
-    from gimp_harness import free_port
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the serve log goes there
     script, pid_file = tmp_path / "fake_daemon.py", tmp_path / "fake.pid"
     script.write_text(FAKE_DAEMON)
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = f"ipc://{tmp_path}/fake.sock"  # no token on ipc: the folder's permissions guard it
     try:
         hello = link.connect(endpoint, {"serve_command": [sys.executable, str(script), str(pid_file)]},
                              wait_s=30)
@@ -265,3 +264,32 @@ def test_connect_reports_a_serve_command_that_dies(link, tmp_path, monkeypatch):
 def test_no_local_start_for_a_remote_endpoint(link):
     with pytest.raises(link.DaemonError, match="on that machine"):
         link.connect("tcp://192.0.2.1:47137", {"serve_command": ["healdust", "serve"]}, wait_s=1)
+
+
+def test_run_job_reports_a_daemon_that_dies_mid_job_at_once(link, tmp_path):
+    """A real daemon, killed while the plug-in's job fine-tunes: a clear message, not a long wait."""
+    import threading
+
+    from tests.conftest import DaemonProcess
+
+    d = DaemonProcess(tmp_path / "home")
+    rng = np.random.default_rng(1)
+    img = (rng.random((256, 256, 3)) * 255).astype(np.uint8)
+    fields = {"image": {"frame": 1, "width": 256, "height": 256, "channels": 3, "order": "RGB", "dtype": "u8",
+                        "stride": 768}, "mode": "scratch",
+              "markers": {"dust": [{"x": 50.0, "y": 50.0, "r": 6.0}], "not_dust": []}}
+    killed = []
+
+    def kill_when_fine_tuning(ev):
+        if ev.get("stage") == "finetune" and not killed:
+            killed.append(time.monotonic())
+            threading.Thread(target=d.stop, args=(signal.SIGKILL,)).start()
+
+    try:
+        with pytest.raises(link.DaemonError, match="went away") as e:
+            link.run_job(d.endpoint, "heal", fields, [img], on_progress=kill_when_fine_tuning,
+                         home=str(d.home))
+        assert killed and time.monotonic() - killed[0] < 10
+        assert "try again" in str(e.value)
+    finally:
+        d.stop(signal.SIGKILL)

@@ -47,6 +47,9 @@ class Daemon:
 
 def start_daemon(home: Path, log: Path, timeout: float = 120.0) -> Daemon:
     """``python -m healdust serve`` on a free loopback port; returns once it prints its ready line."""
+    from ..conftest import give_keys
+
+    give_keys(home)  # the test run's token, which the plugin finds through HEALDUST_HOME
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "HEALDUST_HOME": str(home)}
     env.pop("HEALDUST_ENDPOINT", None)

@@ -284,7 +284,8 @@ def _connect(endpoint_arg: str) -> str:
 def _call(endpoint: str, fields: dict, buffers: list, progress: Progress):
     link = _link()
     try:
-        return link.run_job(endpoint, "heal", fields, buffers, on_progress=progress)
+        home = link.resolve_home(link.load_settings(HERE))
+        return link.run_job(endpoint, "heal", fields, buffers, on_progress=progress, home=home)
     except link.RemoteError as e:
         user_fault = e.code in ("no_markers", "not_found", "bad_request", "too_large")
         raise PluginError(f"healdust: {e.message}",

@@ -89,7 +89,7 @@ class Session(QObject):
         self._on_ready, self._on_error, self._on_status = on_ready, on_error, on_status
         client_class = _load_client_class()
         try:
-            self.client = client_class(self.conn.endpoint)
+            self.client = client_class(self.conn.endpoint, home=self.conn.home)
         except Exception as e:  # zmq rejects malformed endpoints here
             raise DaemonError(f"The daemon endpoint {self.conn.endpoint!r} is not usable ({e}). Fix it in "
                               "kritarc ([healdust] endpoint) or HEALDUST_ENDPOINT.") from None
@@ -137,7 +137,16 @@ class Session(QObject):
         try:
             self._step()
         except Exception as e:  # a slot must never raise into Qt
-            self._fail(f"Unexpected error while talking to the healdust daemon: {type(e).__name__}: {e}")
+            kind = type(e).__name__
+            if kind == "DaemonLost":  # the connection dropped with our job open
+                self._fail(f"The healdust daemon at {self.conn.endpoint} went away while working (it stopped "
+                           f"or restarted). The document was not changed; run the action again. "
+                           f"Its log: {log_path()}.")
+            elif kind == "RemoteError" and getattr(e, "code", "") == "denied":
+                self._fail(f"{e.message}. The plugin reads the token from HEALDUST_HOME "
+                           f"({self.conn.home or 'the default folder'}).")
+            else:
+                self._fail(f"Unexpected error while talking to the healdust daemon: {kind}: {e}")
 
     def _step(self) -> None:
         if self.client is None:

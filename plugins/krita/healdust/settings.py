@@ -33,6 +33,7 @@ ReadSetting = Callable[[str, str, str], str]
 class Connection:
     endpoint: str
     serve_command: list[str] | None
+    home: str | None = None  # where this user's access token lives (None: the platform default)
     probe_timeout: float = PROBE_TIMEOUT
     start_timeout: float = START_TIMEOUT
 
@@ -99,7 +100,9 @@ def connection(read_setting: ReadSetting, folder: str | None = None,
     if command is None:
         exe = shutil.which("healdust")
         command = [exe, "serve"] if exe else None
+    home = env.get("HEALDUST_HOME") or installed.get("home")
     return Connection(endpoint=str(endpoint), serve_command=command,
+                      home=home if isinstance(home, str) and home else None,
                       probe_timeout=_float(read_setting(GROUP, "probe_timeout", ""), PROBE_TIMEOUT),
                       start_timeout=_float(read_setting(GROUP, "start_timeout", ""), START_TIMEOUT))
 

@@ -30,7 +30,7 @@ START_WAIT_S = 90.0
 JOB_SILENCE_S = 600.0
 
 __all__ = ["DaemonError", "JobCancelled", "RemoteError", "connect", "load_settings",
-           "resolve_endpoint", "run_job", "stage_fraction"]
+           "resolve_endpoint", "resolve_home", "run_job", "stage_fraction"]
 
 
 class DaemonError(RuntimeError):
@@ -58,6 +58,15 @@ def resolve_endpoint(argument: str | None, settings: dict) -> str:
     return DEFAULT_ENDPOINT
 
 
+def resolve_home(settings: dict) -> str | None:
+    """Where this user's access token lives: HEALDUST_HOME, else the installer's record
+    (None: the protocol's platform default)."""
+    for candidate in (os.environ.get("HEALDUST_HOME"), settings.get("home")):
+        if isinstance(candidate, str) and candidate.strip():
+            return candidate.strip()
+    return None
+
+
 def is_local(endpoint: str) -> bool:
     """Whether a daemon for ``endpoint`` can be started on this machine."""
     if endpoint.startswith("ipc://"):
@@ -66,12 +75,15 @@ def is_local(endpoint: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "[::1]") or host.startswith("127.")
 
 
-def _hello(endpoint: str, timeout: float) -> dict | None:
+def _hello(endpoint: str, timeout: float, home: str | None) -> dict | None:
     try:
-        with Client(endpoint, timeout=timeout) as c:
+        with Client(endpoint, timeout=timeout, home=home) as c:
             return c.hello(timeout=timeout)
     except DaemonUnavailable:
         return None
+    except RemoteError as e:  # the daemon refused this user's token
+        raise DaemonError(f"{e.message}. The plug-in looks for the token in HEALDUST_HOME "
+                          f"({home or 'the default folder'}).") from None
 
 
 def _log_tail(path: Path, lines: int = 3) -> str:
@@ -86,7 +98,8 @@ def connect(endpoint: str, settings: dict, wait_s: float = START_WAIT_S,
             on_wait: Callable[[float], None] | None = None) -> dict:
     """Make sure a daemon answers at ``endpoint``; start the installed serve command when
     none does. Returns the daemon's hello; raises DaemonError with an actionable message."""
-    hello = _hello(endpoint, 1.5)
+    home = resolve_home(settings)
+    hello = _hello(endpoint, 1.5, home)
     if hello is not None:
         return hello
     command = settings.get("serve_command")
@@ -110,7 +123,7 @@ def connect(endpoint: str, settings: dict, wait_s: float = START_WAIT_S,
     deadline = time.monotonic() + wait_s
     start = time.monotonic()
     while time.monotonic() < deadline:
-        hello = _hello(endpoint, 1.0)
+        hello = _hello(endpoint, 1.0, home)
         if hello is not None:
             return hello
         code = proc.poll()
@@ -143,10 +156,10 @@ def stage_fraction(stage: str, fraction: float) -> float:
 
 def run_job(endpoint: str, type_: str, fields: dict, buffers: list,
             on_progress: Callable[[Event], None] | None = None,
-            silence_s: float = JOB_SILENCE_S) -> Event:
+            silence_s: float = JOB_SILENCE_S, home: str | None = None) -> Event:
     """Send one request and wait for its result. Raises RemoteError, JobCancelled or
     DaemonError (the daemon went quiet or away)."""
-    with Client(endpoint, timeout=silence_s) as c:
+    with Client(endpoint, timeout=silence_s, home=home) as c:
         try:
             return c.call(type_, fields, buffers, on_progress=on_progress)
         except DaemonUnavailable as e:

@@ -1,0 +1,178 @@
+"""Faults lose nothing: a daemon SIGKILLed while saving, a full disk, a job out of memory,
+a daemon that goes away mid-job. Real daemon processes throughout."""
+
+from __future__ import annotations
+
+import random
+import resource
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from healdust.model.weights_io import load_weights
+from healdust.protocol import ImageDesc
+from healdust.protocol.client import Client, DaemonLost, RemoteError
+from healdust.store import ModelStore, load_base_model
+
+from .conftest import DaemonProcess, to_u8
+
+
+def two_models(tmp_path) -> tuple[bytes, bytes]:
+    """Two valid fine-tuned model files for the shipped base, told apart by their weights."""
+    base, meta = load_base_model()
+    store = ModelStore(tmp_path / "make")
+    out = []
+    for shift in (0.01, -0.01):
+        m = load_base_model()[0]
+        with torch.no_grad():
+            for p in m.decoder.parameters():
+                p.add_(shift)
+        store.save("roll", m, meta, "transfer", 5, 0.5)
+        out.append(store.path("roll").read_bytes())
+    return out[0], out[1]
+
+
+def which_model(path, a: dict, b: dict) -> str:
+    tensors, _ = load_weights(path)  # raises on a torn file
+    for name, ref in (("a", a), ("b", b)):
+        if set(tensors) == set(ref) and all(torch.equal(tensors[k], ref[k]) for k in ref):
+            return name
+    raise AssertionError(f"{path} holds neither model")
+
+
+def _import_forever(endpoint: str, blobs: list[bytes], stop: threading.Event, counts: list[int]) -> None:
+    try:
+        with Client(endpoint, timeout=5) as c:
+            i = 0
+            while not stop.is_set():
+                c.call("models.import", {"name": "roll"}, [blobs[i % 2]])
+                counts[0] += 1
+                i += 1
+    except Exception:  # the daemon was killed under us: expected
+        pass
+
+
+def sigkill_during_saves(tmp_path, kills: int, seed: int = 7) -> dict:
+    """Kill a daemon that saves one model over and over, ``kills`` times at random moments.
+
+    After every kill the model file must be one of the two versions, whole, and a restarted
+    daemon must serve it. Returns the figures (bench/soak.py prints them).
+    """
+    a_bytes, b_bytes = two_models(tmp_path)
+    a_path, b_path = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a_path.write_bytes(a_bytes)
+    b_path.write_bytes(b_bytes)
+    a, b = load_weights(a_path)[0], load_weights(b_path)[0]
+    home = tmp_path / "home"
+    rng = random.Random(seed)
+    saves, seen = 0, {"a": 0, "b": 0}
+    for _ in range(kills):
+        d = DaemonProcess(home)
+        stop, counts = threading.Event(), [0]
+        t = threading.Thread(target=_import_forever, args=(d.endpoint, [a_bytes, b_bytes], stop, counts))
+        t.start()
+        deadline = time.monotonic() + 30
+        while counts[0] < 2 and time.monotonic() < deadline:  # let saves get going, then kill at random
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        d.stop(signal.SIGKILL)
+        stop.set()
+        t.join(10)
+        saves += counts[0]
+        assert counts[0] >= 2, "the daemon saved nothing before the kill"
+        seen[which_model(home / "models" / "roll.safetensors", a, b)] += 1
+    d = DaemonProcess(home)  # a restart cleans the interrupted saves' temporary files
+    try:
+        with Client(d.endpoint) as c:
+            assert c.call("models.show", {"name": "roll"}).get("model")["name"] == "roll"
+        leftovers = [p.name for p in (home / "models").iterdir() if p.name != "roll.safetensors"]
+        assert leftovers == [], leftovers
+    finally:
+        d.stop()
+    return {"kills": kills, "saves": saves, "ended_as": seen}
+
+
+def test_sigkill_at_random_moments_of_saving_never_tears_a_model(tmp_path):
+    figures = sigkill_during_saves(tmp_path, kills=6)
+    assert figures["saves"] >= 12
+
+
+def _no_big_files():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_full_disk_is_an_error_and_keeps_the_old_model(tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse the write, as a full disk does."""
+    a_bytes, b_bytes = two_models(tmp_path)
+    assert len(a_bytes) > 64 * 1024
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "roll.safetensors").write_bytes(a_bytes)
+    d = DaemonProcess(home, preexec_fn=_no_big_files)
+    try:
+        with Client(d.endpoint) as c:
+            with pytest.raises(RemoteError) as e:
+                c.call("models.import", {"name": "roll"}, [b_bytes])
+            assert e.value.code == "storage" and "nothing was changed" in e.value.message
+            with pytest.raises(RemoteError) as e:
+                c.call("models.import", {"name": "fresh"}, [b_bytes])
+            assert e.value.code == "storage"
+            assert c.hello()["protocol"] == 1  # still serving
+        assert (home / "models" / "roll.safetensors").read_bytes() == a_bytes
+        assert sorted(p.name for p in (home / "models").iterdir()) == ["roll.safetensors"]
+    finally:
+        d.stop()
+
+
+def _vm_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+def test_a_job_out_of_memory_fails_alone(tmp_path):
+    d = DaemonProcess(tmp_path / "home")
+    try:
+        pixels = np.zeros((3000, 4000, 3), np.uint8)  # 36 MB in; the work needs several times that
+        desc = ImageDesc.packed(4000, 3000, "RGB", "u8").to_dict()
+        with Client(d.endpoint, timeout=120) as c:
+            c.hello()
+            limit = _vm_bytes(d.proc.pid) + 120 * 2**20  # room for the message, not for the work
+            resource.prlimit(d.proc.pid, resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+            with pytest.raises(RemoteError) as e:
+                c.call("detect", {"image": desc}, [pixels])
+            assert e.value.code == "out_of_memory" and "tile" in e.value.message, e.value.message
+            resource.prlimit(d.proc.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            small = to_u8(np.random.default_rng(0).random((64, 64, 3)))
+            r = c.call("inpaint", {"image": ImageDesc.packed(64, 64, "RGB", "u8").to_dict(),
+                                   "mask": ImageDesc.packed(64, 64, "GRAY", "u8", 2).to_dict()},
+                       [small, np.full((64, 64, 1), 255, np.uint8)])
+            assert r.type == "result"
+    finally:
+        d.stop()
+
+
+def test_a_daemon_that_goes_away_mid_job_is_reported_at_once(tmp_path):
+    d = DaemonProcess(tmp_path / "home")
+    rng = np.random.default_rng(1)
+    img = to_u8(rng.random((256, 256, 3)))
+    fields = {"image": ImageDesc.packed(256, 256, "RGB", "u8").to_dict(), "mode": "scratch",
+              "markers": {"dust": [{"x": 50.0, "y": 50.0, "r": 6.0}], "not_dust": []}}
+    with Client(d.endpoint, timeout=300) as c:
+        rid = c.submit("heal", fields, [img])
+        for ev in c.events(rid):
+            if ev.get("stage") == "finetune":
+                break
+        t = time.monotonic()
+        d.stop(signal.SIGKILL)
+        with pytest.raises(DaemonLost, match="went away"):
+            for _ in c.events(rid):
+                pass
+        assert time.monotonic() - t < 5

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                 res = pipe.run(JobSpec("heal", img, "RGB"))
                 local = time.monotonic() - t
                 desc = ImageDesc.packed(w, h, "RGB", "u8" if depth == 8 else "u16").to_dict()
-                with Client(endpoint, timeout=1800) as c:
+                with Client(endpoint, timeout=1800, home=home) as c:
                     t = time.monotonic()
                     ev = c.call("heal", {"image": desc}, [img])
                     remote = time.monotonic() - t

@@ -1,7 +1,8 @@
 """Healing: repair the dust mask so the spot vanishes into the photo's own texture.
 
-Each connected spot of the mask is repaired on its own, in a padded window around it (so
-memory stays bounded on large images), with one of two repairs:
+Each connected spot of the mask is repaired on its own, in a padded window around it
+(only that window is converted to float, and the spots are found tile by tile, so memory
+stays bounded at any image size), with one of two repairs:
 
 * semi-transparent spots (sensor dust, faint stains) keep the picture underneath; their
   shadow is estimated from the surroundings and divided out (``heal_flat``);
@@ -25,8 +26,10 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from .components import MaskComponents, Piece
 from .heal_fill import CONTEXT, search_radius, texture_fill, unmix_speck
 from .heal_flat import shadow_repair
+from .imageio import from_float, to_float
 
 ProgressFn = Callable[[float], None]
 
@@ -71,51 +74,73 @@ def heal_image(image: np.ndarray, mask: np.ndarray, progress: ProgressFn | None 
     """
     mask = _validate(image, mask, attenuation_hint)
     out = image.copy()
-    m8 = mask.astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m8, connectivity=8)
-    total = max(1, int(stats[1:, cv2.CC_STAT_AREA].sum()))
+    heal_into(image, mask, out, progress=progress, check_cancel=check_cancel,
+              attenuation_hint=attenuation_hint)
+    return out
+
+
+def heal_into(image: np.ndarray, mask: np.ndarray, out: np.ndarray, channels: list[int] | None = None,
+              components: MaskComponents | None = None, progress: ProgressFn | None = None,
+              check_cancel: Callable[[], None] | None = None,
+              attenuation_hint: np.ndarray | None = None) -> None:
+    """Heal ``image`` where ``mask`` is set, writing the repaired pixels into ``out``.
+
+    image: HxWxC in any sample type (uint8, uint16, float16, float32); ``channels`` are
+    the colour channels to heal (1 or 3 indices; default all), the others (alpha) are
+    neither read nor written. mask: HxW, nonzero on dust. out: like ``image`` (usually a
+    copy of it); only its masked colour pixels are written, in its own sample type.
+    ``components`` are the mask's, when the caller has them already.
+
+    Memory stays bounded at any image size: each spot (or piece of a long hair) is
+    converted to float in a padded window around it, and the mask's components are
+    found tile by tile. The result does not depend on the order spots are visited in.
+    """
+    comps = components if components is not None else MaskComponents(mask)
+    total = max(1, comps.total_area)
     done = 0
     last_report = 0.0
-    for i in range(1, n):
-        x, y, bw, bh, area = (int(v) for v in stats[i])
-        for cy in range(y, y + bh, CHUNK):
-            for cx in range(x, x + bw, CHUNK):
-                if check_cancel:
-                    check_cancel()
-                box = (cy, min(y + bh, cy + CHUNK), cx, min(x + bw, cx + CHUNK))
-                _heal_piece(image, out, mask, labels, i, box, attenuation_hint, bh <= CHUNK and bw <= CHUNK)
-        done += area
+    for piece in comps.pieces(CHUNK):
+        if check_cancel:
+            check_cancel()
+        done += _heal_piece(image, out, channels, mask, comps, piece, attenuation_hint)
         if progress and done / total - last_report >= 0.02:
             last_report = done / total
             progress(min(1.0, last_report))
     if progress:
         progress(1.0)
-    return out
 
 
-def _heal_piece(image: np.ndarray, out: np.ndarray, mask: np.ndarray, labels: np.ndarray,
-                label: int, box: tuple[int, int, int, int], hint: np.ndarray | None,
-                whole: bool) -> None:
-    """Repair the pixels of spot ``label`` inside ``box`` (y0, y1, x0, x1)."""
+def _window(image: np.ndarray, channels: list[int] | None, wy0: int, wy1: int, wx0: int,
+            wx1: int) -> np.ndarray:
+    """The colour channels of a window of ``image`` as contiguous float32, 1.0 = full scale."""
+    sub = image[wy0:wy1, wx0:wx1]
+    if channels is not None and len(channels) != sub.shape[2]:
+        sub = sub[:, :, channels]
+    return np.ascontiguousarray(to_float(sub))
+
+
+def _heal_piece(image: np.ndarray, out: np.ndarray, channels: list[int] | None, mask: np.ndarray,
+                comps: MaskComponents, piece: Piece, hint: np.ndarray | None) -> int:
+    """Repair the pixels of one piece of a component; returns how many were repaired."""
     H, W = mask.shape
-    y0, y1, x0, x1 = box
+    y0, y1, x0, x1 = piece.box
+    whole = piece.whole
     pad = search_radius(y1 - y0 + 2 * RIM, x1 - x0 + 2 * RIM) + CONTEXT + RIM + 2
     if whole:  # room for the soft tail of a shadow and a ring of unshadowed pixels
         r = max(y1 - y0, x1 - x0) // 2 + 1
         pad = max(pad, 2 * r + 12)
     wy0, wy1 = max(0, y0 - pad), min(H, y1 + pad)
     wx0, wx1 = max(0, x0 - pad), min(W, x1 + pad)
-    win = np.ascontiguousarray(image[wy0:wy1, wx0:wx1])
+    # a whole component lies inside its bounding box; a piece is its part inside the box
+    region = np.zeros((wy1 - wy0, wx1 - wx0), bool)
+    region[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0] = comps.region(piece.label, piece.box)
+    if not region.any():
+        return 0
+    win = _window(image, channels, wy0, wy1, wx0, wx1)
     if not np.isfinite(win).all():
         win = np.nan_to_num(win, nan=0.0, posinf=1.0, neginf=0.0)
     all_mask = mask[wy0:wy1, wx0:wx1]
-    region = labels[wy0:wy1, wx0:wx1] == label
-    if not whole:  # only this piece's pixels
-        cut = np.zeros_like(region)
-        cut[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0] = True
-        region &= cut
-    if not region.any():
-        return
+    all_mask = all_mask if all_mask.dtype == bool else all_mask != 0
     shadow, confidence = None, 0.0
     if whole:
         h = None if hint is None else hint[wy0:wy1, wx0:wx1]
@@ -128,10 +153,16 @@ def _heal_piece(image: np.ndarray, out: np.ndarray, mask: np.ndarray, labels: np
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * RIM + 1, 2 * RIM + 1))
         unknown = cv2.dilate(all_mask.astype(np.uint8), k).astype(bool)
         target = cv2.dilate(region.astype(np.uint8), k).astype(bool)
-        rng = np.random.default_rng(label * 7919 + y0 * 31 + x0)
+        # seeded by where the piece is, so the grain does not depend on the visiting order
+        rng = np.random.default_rng((y0, y1, x0, x1))
         values = unmix_speck(win[region], texture_fill(win, unknown, target, rng)[region])
         if shadow is not None:
             values = confidence * shadow + (1.0 - confidence) * values
     view = out[wy0:wy1, wx0:wx1]
-    view[region] = values
-
+    back = from_float(values, np.float32 if out.dtype == np.float16 else out.dtype).astype(out.dtype)
+    if channels is None:
+        view[region] = back
+    else:
+        for i, c in enumerate(channels):
+            view[:, :, c][region] = back[:, i]
+    return int(np.count_nonzero(region))

@@ -1,6 +1,10 @@
 """The whole job: markers → fine-tune → tiled detection → threshold → mask → heal.
 
 The same pipeline runs inside the daemon's worker and in-process for ``heal --local``.
+Beyond the image, its healed copy and the uint8 mask, memory does not grow with the
+image: detection folds each tile's probabilities straight into the mask
+(``MaskBuilder``), the mask's spots are found tile by tile (``components``) and healing
+converts only a window around each spot to float (``heal.heal_into``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import cv2
 import numpy as np
 import torch
 
-from .heal import heal_image
-from .imageio import color_channels, color_rgb, from_float, to_float
+from .components import MaskComponents
+from .heal import heal_into
+from .imageio import color_channels, color_rgb, to_float
 from .model.finetune import FineTuneConfig, dust_inside_marker, fine_tune
-from .model.infer import predict_proba
+from .model.infer import iter_proba
 from .model.unet import DustUNet
 from .model.weights_io import WeightsError
 from .store import ModelStore, load_base_model
@@ -78,56 +83,142 @@ MAX_DUST_FRACTION = 0.01
 MIN_THRESHOLD = 0.2
 
 
-def decide_mask(prob: np.ndarray, threshold: float, image: np.ndarray | None = None, order: str = "RGB",
-                dust: list | None = None, calibrated: bool = True) -> tuple[np.ndarray, float]:
-    """The dust mask from the probability map; returns (mask, threshold used).
+class MaskBuilder:
+    """The dust mask, decided from probability tiles as they stream in.
 
-    A calibrated threshold is raised until at most MAX_DUST_FRACTION of the image is
-    flagged; the defects the user marked are always in the mask (labelled inside each
-    circle as in fine-tuning); the mask is grown by one pixel to cover soft edges.
+    The probability map is never held in float: each pixel is kept as an 8-bit code in the
+    mask's own uint8 array (0 below the lowest threshold that can be used, 1..255 above it,
+    evenly spaced up to 1.0), with a histogram of the codes for the dust fraction cap, and
+    float probabilities only in the circles the user marked. ``finish`` then thresholds,
+    adds the marked defects and dilates in bands of rows, in place: the result is the
+    mask itself (0 / 255).
+
+    The decision is exact for a fixed threshold, and for a calibrated one whenever the cap
+    does not bind; where it binds, the threshold is found to within one code step
+    (``(1 - threshold) / 254``) instead of ``np.quantile``'s interpolation.
     """
-    t = float(threshold)
-    if calibrated:
-        t = max(t, MIN_THRESHOLD, float(np.quantile(prob, 1 - MAX_DUST_FRACTION)))
-    raw = prob >= t
-    if dust and image is not None:
-        h, w = prob.shape
-        for x, y, r in dust:
+
+    def __init__(self, shape: tuple[int, int], threshold: float, calibrated: bool = True,
+                 dust: list | None = None):
+        h, w = shape
+        self.shape = (h, w)
+        self.threshold = float(threshold)
+        self.calibrated = calibrated
+        self.t0 = max(self.threshold, MIN_THRESHOLD) if calibrated else self.threshold
+        self.scale = 254.0 / (1.0 - self.t0) if self.t0 < 1.0 else 0.0
+        self.codes = np.zeros((h, w), np.uint8)
+        self.hist = np.zeros(256, np.int64)
+        self.markers = []
+        for x, y, r in dust or []:
             pad = int(np.ceil(r)) + 2
             y0, y1 = max(0, int(y) - pad), min(h, int(y) + pad + 1)
             x0, x1 = max(0, int(x) - pad), min(w, int(x) + pad + 1)
-            if y1 <= y0 or x1 <= x0:
-                continue
-            rgb = to_float(np.ascontiguousarray(color_rgb(image[y0:y1, x0:x1], order)))
-            raw[y0:y1, x0:x1] |= dust_inside_marker(rgb, y - y0, x - x0, r, prob[y0:y1, x0:x1])
-    mask = cv2.dilate(raw.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    return mask, t
+            if y1 > y0 and x1 > x0:
+                self.markers.append(((x, y, r), (y0, y1, x0, x1), np.zeros((y1 - y0, x1 - x0), np.float32)))
+
+    def add(self, y0: int, y1: int, x0: int, x1: int, prob: np.ndarray) -> None:
+        """Take the probabilities (float, 0..1) of the window [y0, y1) × [x0, x1)."""
+        code = np.floor((prob - np.float32(self.t0)) * np.float32(self.scale))
+        np.clip(code, 0, 254, out=code)
+        code += 1
+        dst = self.codes[y0:y1, x0:x1]
+        dst[...] = np.where(prob >= self.t0, code, 0)
+        self.hist += np.bincount(dst.ravel(), minlength=256)
+        for _, (my0, my1, mx0, mx1), crop in self.markers:
+            ya, yb, xa, xb = max(y0, my0), min(y1, my1), max(x0, mx0), min(x1, mx1)
+            if ya < yb and xa < xb:
+                crop[ya - my0:yb - my0, xa - mx0:xb - mx0] = prob[ya - y0:yb - y0, xa - x0:xb - x0]
+
+    def _cut(self) -> tuple[int, float]:
+        """The lowest code that is dust, and the threshold it stands for."""
+        if not self.calibrated:
+            return 1, self.threshold
+        n = int(self.hist.sum())
+        k = int(np.floor((n - 1) * (1 - MAX_DUST_FRACTION)))  # rank of np.quantile's lower sample
+        cum = np.cumsum(self.hist)
+        c = int(np.searchsorted(cum, k, side="right"))  # the code of that sample
+        if c == 0:  # the quantile lies below t0 (or only just above, with no pixel between)
+            return 1, self.t0
+        # the cap binds: of the code holding the quantile, keep it if most of it lies at or
+        # above the quantile's sample (rounding to the nearest code edge)
+        if c < 255 and cum[c] - k < k - cum[c - 1]:
+            c += 1
+        return c, self.t0 + (c - 1) / self.scale if self.scale else self.t0
+
+    def finish(self, image: np.ndarray | None = None, order: str = "RGB") -> tuple[np.ndarray, float]:
+        """The mask (uint8 HxW, 255 = dust; the codes' array, reused) and the threshold used."""
+        cut, t = self._cut()
+        h, w = self.shape
+        patches = []
+        if image is not None:
+            for (x, y, r), (y0, y1, x0, x1), crop in self.markers:
+                rgb = to_float(np.ascontiguousarray(color_rgb(image[y0:y1, x0:x1], order)))
+                patches.append(((y0, y1, x0, x1), dust_inside_marker(rgb, y - y0, x - x0, r, crop)))
+        self.markers = []
+        kernel = np.ones((3, 3), np.uint8)
+        band = max(16, (1 << 20) // max(1, w))
+        above = None  # the undilated last row of the previous band
+        for a in range(0, h, band):
+            b = min(h, a + band)
+            hi = min(h, b + 1)  # one row of the next band, still codes
+            raw = self.codes[a:hi] >= cut
+            for (y0, y1, x0, x1), patch in patches:
+                ya, yb = max(a, y0), min(hi, y1)
+                if ya < yb:
+                    raw[ya - a:yb - a, x0:x1] |= patch[ya - y0:yb - y0]
+            rows = raw if above is None else np.concatenate([above[None], raw])
+            grown = cv2.dilate(rows.view(np.uint8), kernel)
+            above = raw[b - 1 - a].copy()
+            top = 0 if a == 0 else 1
+            np.multiply(grown[top:top + b - a], 255, out=self.codes[a:b])
+        return self.codes, float(t)
+
+
+def decide_mask(prob: np.ndarray, threshold: float, image: np.ndarray | None = None, order: str = "RGB",
+                dust: list | None = None, calibrated: bool = True) -> tuple[np.ndarray, float]:
+    """The dust mask (bool) from a whole probability map; returns (mask, threshold used).
+
+    A calibrated threshold is raised until at most MAX_DUST_FRACTION of the image is
+    flagged; the defects the user marked are always in the mask (labelled inside each
+    circle as in fine-tuning); the mask is grown by one pixel to cover soft edges. The
+    pipeline streams the same decision tile by tile (``detect_mask``).
+    """
+    b = MaskBuilder(prob.shape, threshold, calibrated, dust if image is not None else None)
+    b.add(0, prob.shape[0], 0, prob.shape[1], prob)
+    mask, t = b.finish(image, order)
+    return mask > 0, t
+
+
+def detect_mask(model: DustUNet, image: np.ndarray, order: str, threshold: float, device="cpu",
+                calibrated: bool = True, dust: list | None = None, tile: int = 512,
+                progress: Callable[[float], None] | None = None,
+                check_cancel: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
+    """Tiled detection straight into the mask: (uint8 HxW, 255 = dust; threshold used).
+
+    Besides the mask itself only one tile's probabilities are held at a time.
+    """
+    b = MaskBuilder(image.shape[:2], threshold, calibrated, dust)
+    for y0, y1, x0, x1, prob in iter_proba(model, image, order, device, tile=tile, progress=progress,
+                                           check_cancel=check_cancel):
+        b.add(y0, y1, x0, x1, prob)
+    return b.finish(image, order)
 
 
 def count_spots(mask: np.ndarray) -> int:
-    return int(cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1)
+    """Connected (8-neighbour) spots in a mask of any size, found tile by tile."""
+    return MaskComponents(mask).count
 
 
-def heal_pixels(image: np.ndarray, order: str, mask: np.ndarray, progress=None, check_cancel=None) -> np.ndarray:
-    """Heal the colour channels under ``mask``; alpha and unmasked pixels stay bit-identical."""
+def heal_pixels(image: np.ndarray, order: str, mask: np.ndarray, progress=None, check_cancel=None,
+                components: MaskComponents | None = None) -> np.ndarray:
+    """Heal the colour channels under ``mask``; alpha and unmasked pixels stay bit-identical.
+
+    ``mask`` is HxW, nonzero on dust. Besides the returned copy of the image only windows
+    around each spot are held (in float), whatever the image's size or sample type.
+    """
     out = image.copy()
-    if not mask.any():
-        return out
-    chans = color_channels(order)
-    # only the bounding box of the mask is converted to float
-    ys, xs = np.nonzero(mask)
-    pad = 96  # context for the patch search and the shadow fit
-    y0, y1 = max(0, ys.min() - pad), min(mask.shape[0], ys.max() + pad + 1)
-    x0, x1 = max(0, xs.min() - pad), min(mask.shape[1], xs.max() + pad + 1)
-    sub = image[y0:y1, x0:x1][:, :, chans]
-    work = to_float(sub.astype(np.float32) if sub.dtype == np.float16 else sub)
-    healed = heal_image(np.ascontiguousarray(work), mask[y0:y1, x0:x1], progress=progress,
-                        check_cancel=check_cancel)
-    back = from_float(healed, np.float32 if image.dtype == np.float16 else image.dtype).astype(image.dtype)
-    m = mask[y0:y1, x0:x1]
-    region = out[y0:y1, x0:x1]
-    for i, c in enumerate(chans):
-        region[:, :, c][m] = back[:, :, i][m]
+    heal_into(image, mask, out, color_channels(order), components, progress=progress,
+              check_cancel=check_cancel)
     return out
 
 
@@ -194,7 +285,9 @@ class Pipeline:
         if spec.kind == "inpaint" or spec.mask is not None:
             if spec.mask is None or spec.mask.shape != (h, w):
                 raise JobError("bad_request", "the mask must have the image's width and height")
-            mask = spec.mask.astype(bool)
+            mask = spec.mask != 0  # a new array, reused as the uint8 mask (0 / 255)
+            mask = mask.view(np.uint8)
+            mask *= np.uint8(255)
             result.model = "none (given mask)"
         else:
             if spec.mode not in ("transfer", "scratch"):
@@ -228,23 +321,21 @@ class Pipeline:
                 raise JobError("bad_request", "nothing to save: --save-model needs dust markers to "
                                               "fine-tune on")
             t1 = time.monotonic()
-            prob = predict_proba(model, spec.image, spec.order, self.device, tile=self.tile,
-                                 progress=lambda f: progress("detect", f), check_cancel=check_cancel)
-            if spec.threshold is not None:
-                mask, threshold = decide_mask(prob, spec.threshold, spec.image, spec.order, spec.dust,
-                                              calibrated=False)
-            else:
-                mask, threshold = decide_mask(prob, threshold, spec.image, spec.order, spec.dust)
-            del prob
+            fixed = spec.threshold is not None
+            mask, threshold = detect_mask(model, spec.image, spec.order,
+                                          spec.threshold if fixed else threshold, self.device,
+                                          calibrated=not fixed, dust=spec.dust, tile=self.tile,
+                                          progress=lambda f: progress("detect", f), check_cancel=check_cancel)
             result.threshold = float(threshold)
             result.seconds["detect"] = round(time.monotonic() - t1, 3)
-        result.mask = mask.astype(np.uint8) * np.uint8(255)
-        result.spots = count_spots(mask)
+        result.mask = mask
+        comps = MaskComponents(mask)
+        result.spots = comps.count
 
         if spec.kind in ("heal", "inpaint"):
             t2 = time.monotonic()
-            result.healed = heal_pixels(spec.image, spec.order, mask,
-                                        progress=lambda f: progress("heal", f), check_cancel=check_cancel)
+            result.healed = heal_pixels(spec.image, spec.order, mask, progress=lambda f: progress("heal", f),
+                                        check_cancel=check_cancel, components=comps)
             result.seconds["heal"] = round(time.monotonic() - t2, 3)
         result.seconds["total"] = round(time.monotonic() - t, 3)
         return result

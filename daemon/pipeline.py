@@ -309,10 +309,14 @@ class Pipeline:
                                     f"{ft.steps} steps, final loss {ft.losses[-1]:.3f}")
                 if spec.save_model:
                     progress("save", 0.0)
-                    self.store.save(spec.save_model, model, self.base_meta, spec.mode, len(spec.dust),
-                                    threshold, spec.camera)
-                    self.forget(spec.save_model)
-                    result.saved_model = spec.save_model
+                    try:
+                        self.store.save(spec.save_model, model, self.base_meta, spec.mode, len(spec.dust),
+                                        threshold, spec.camera)
+                        self.forget(spec.save_model)
+                        result.saved_model = spec.save_model
+                    except OSError as e:  # a full disk: the image is still healed, the old model kept
+                        result.notes.append(f"could not save the model {spec.save_model!r} "
+                                            f"({e.strerror or e}); any earlier model of that name is unchanged")
                     progress("save", 1.0)
             elif spec.mode == "scratch" and meta is None:
                 raise JobError("no_markers", "scratch mode needs dust markers to learn from "

@@ -176,3 +176,22 @@ def test_a_daemon_that_goes_away_mid_job_is_reported_at_once(tmp_path):
             for _ in c.events(rid):
                 pass
         assert time.monotonic() - t < 5
+
+
+def test_a_full_disk_while_saving_a_fine_tuned_model_still_returns_the_healed_image(tmp_path):
+    home = tmp_path / "home"
+    d = DaemonProcess(home, preexec_fn=_no_big_files)
+    rng = np.random.default_rng(3)
+    img = to_u8(rng.random((96, 96, 3)) * 0.2 + 0.6)
+    img[40:44, 40:44] = 10
+    fields = {"image": ImageDesc.packed(96, 96, "RGB", "u8").to_dict(), "save_model": "roll",
+              "markers": {"dust": [{"x": 41.5, "y": 41.5, "r": 6.0}], "not_dust": []}}
+    try:
+        with Client(d.endpoint, timeout=300) as c:
+            r = c.call("heal", fields, [img])
+            assert r.type == "result" and r.get("saved_model") is None and r.get("healed")
+            assert any("could not save the model 'roll'" in n for n in r.get("notes"))
+            assert c.hello()["protocol"] == 1
+        assert not (home / "models").exists() or list((home / "models").iterdir()) == []
+    finally:
+        d.stop()

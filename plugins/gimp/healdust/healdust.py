@@ -337,6 +337,9 @@ def heal(image, drawables, config) -> None:
     spots = ev.get("spots")
     Gimp.progress_set_text(f"healdust: {spots} spots healed (markers from the {origin})"
                            if spots is not None else "healdust: done")
+    for note in ev.get("notes") or []:
+        if isinstance(note, str) and note.startswith("could not save"):  # healed, but a full disk
+            Gimp.message(f"healdust: the dust was healed, but {note}.")
 
 
 def _find_mask(image, source):

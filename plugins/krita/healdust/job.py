@@ -283,7 +283,10 @@ class HealJob(Job):
                            spots=ev.get("spots"),
                            threshold=ev.get("threshold"), model_used=ev.get("model"),
                            saved_model=ev.get("saved_model"), daemon_seconds=ev.get("seconds"))
+        unsaved = [n for n in ev.get("notes") or [] if isinstance(n, str) and n.startswith("could not save")]
         self.finish("done")
+        if unsaved:  # the layers are there; the model is not (a full disk)
+            ui.report("info", "The dust was healed, but " + unsaved[0] + ".")
 
 
 class MaskHealJob(Job):

@@ -333,9 +333,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s healdust %(levelname)s %(message)s",
                         stream=sys.stderr)
     limits = Limits(max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
-                    max_pixels=args.max_pixels)
-    if min(args.max_queue, args.max_queue_per_client, args.max_pixels, args.tile) < 1:
-        raise CliError("--max-queue, --max-queue-per-client, --max-pixels and --tile must be positive")
+                    max_pixels=args.max_pixels, max_queue_bytes=args.max_queue_mb << 20)
+    if min(args.max_queue, args.max_queue_per_client, args.max_pixels, args.tile, args.max_queue_mb) < 1:
+        raise CliError("--max-queue, --max-queue-per-client, --max-pixels, --max-queue-mb and --tile "
+                       "must be positive")
     pipeline = Pipeline(args.device, tile=args.tile)
     if pipeline.store.clean_leftovers():
         logging.getLogger("healdust.daemon").info("removed temporary files of interrupted saves")
@@ -545,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-queue-per-client", type=int, default=DEFAULT_LIMITS.max_queue_per_client)
     sp.add_argument("--max-pixels", type=int, default=DEFAULT_LIMITS.max_pixels,
                     help="largest image accepted, in pixels")
+    sp.add_argument("--max-queue-mb", type=int, default=DEFAULT_LIMITS.max_queue_bytes >> 20,
+                    help="images waiting in the queue, in MiB; past it clients get a 'busy' reply")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("heal", help="find and heal dust in one image")

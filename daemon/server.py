@@ -45,7 +45,7 @@ def image_from_frame(desc: ImageDesc, buf) -> np.ndarray:
     """An HxWxC array of the frame's pixels: a read-only view when rows are packed."""
     dt = NP_DTYPES[desc.dtype]
     shape = (desc.height, desc.width, desc.channels)
-    if desc.stride == desc.row_bytes:
+    if desc.stride == desc.row_bytes or desc.height == 1:  # one row: its stride (any size at all) is unused
         return np.frombuffer(buf, dtype=dt, count=desc.width * desc.height * desc.channels).reshape(shape)
     raw = np.frombuffer(buf, dtype=np.uint8, count=desc.min_bytes)
     rows = np.lib.stride_tricks.as_strided(raw, shape=(desc.height, desc.row_bytes),
@@ -72,6 +72,12 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def nbytes(self) -> int:
+        """What the job holds while queued: its pixels and mask."""
+        image, mask = getattr(self.spec, "image", None), getattr(self.spec, "mask", None)
+        return sum(int(a.nbytes) for a in (image, mask) if a is not None)
+
 
 class FairQueue:
     """Jobs per client, taken round-robin across clients."""
@@ -81,6 +87,7 @@ class FairQueue:
         self._by_client: OrderedDict[bytes, deque[Job]] = OrderedDict()
         self._cv = threading.Condition()
         self._closed = False
+        self._bytes = 0  # pixels (and masks) of the queued jobs
 
     def __len__(self) -> int:
         with self._cv:
@@ -91,17 +98,31 @@ class FairQueue:
         with self._cv:
             total = sum(len(q) for q in self._by_client.values())
             mine = self._by_client.get(job.client)
-            if total >= self.limits.max_queue or (mine and len(mine) >= self.limits.max_queue_per_client):
+            if total >= self.limits.max_queue:
                 raise ProtocolError("busy", f"the daemon is busy ({total} jobs queued); try again later",
                                     job.rid)
+            if mine and len(mine) >= self.limits.max_queue_per_client:
+                raise ProtocolError("busy", f"busy: this client already has {len(mine)} jobs queued (the "
+                                            f"per-client limit); wait for some to finish", job.rid)
+            if self._bytes + job.nbytes > self.limits.max_queue_bytes and total:
+                raise ProtocolError("busy", f"the daemon is busy ({self._bytes >> 20} MiB of images queued, "
+                                            f"limit {self.limits.max_queue_bytes >> 20} MiB); try again later",
+                                    job.rid)
             self._by_client.setdefault(job.client, deque()).append(job)
+            self._bytes += job.nbytes
             self._cv.notify()
             return total
 
-    def get(self, timeout: float = 0.2) -> Job | None:
+    def wait(self, timeout: float = 0.2) -> bool:
+        """Whether a job is waiting (after at most ``timeout`` s)."""
         with self._cv:
             if not self._by_client and not self._closed:
                 self._cv.wait(timeout)
+            return bool(self._by_client)
+
+    def get(self) -> Job | None:
+        """The next job round-robin, or None; never waits."""
+        with self._cv:
             if not self._by_client:
                 return None
             client, q = next(iter(self._by_client.items()))
@@ -109,6 +130,7 @@ class FairQueue:
             del self._by_client[client]
             if q:  # the client goes to the back of the line
                 self._by_client[client] = q
+            self._bytes -= job.nbytes
             return job
 
     def remove(self, client: bytes, rid: str | None = None) -> list[Job]:
@@ -120,6 +142,7 @@ class FairQueue:
             gone = [j for j in q if rid is None or j.rid == rid]
             for j in gone:
                 q.remove(j)
+                self._bytes -= j.nbytes
             if not q:
                 del self._by_client[client]
             return gone
@@ -145,6 +168,7 @@ class Server:
         self.ctx = zmq.Context()
         self.running: Job | None = None
         self._stop = threading.Event()
+        self._running_lock = threading.Lock()  # 'cancelled: true' and the job's end agree
         self._started = time.monotonic()
         self._out_addr = f"inproc://healdust-out-{id(self)}"
 
@@ -165,10 +189,11 @@ class Server:
             return False
 
     def _client_gone(self, client: bytes) -> None:
-        dropped = self.queue.remove(client)
-        running = self.running
-        if running is not None and running.client == client:
-            running.cancel.set()
+        with self._running_lock:
+            dropped = self.queue.remove(client)
+            running = self.running
+            if running is not None and running.client == client:
+                running.cancel.set()
         if dropped or (running is not None and running.client == client):
             log.info("a client disconnected; cancelled %d queued job(s)", len(dropped))
 
@@ -299,13 +324,14 @@ class Server:
         target = msg.header.get("target")
         if not isinstance(target, str):
             raise ProtocolError("bad_request", "cancel needs 'target': the id of the request to stop")
-        gone = self.queue.remove(client, target)
+        with self._running_lock:  # a job is either queued or running here, never in between
+            gone = self.queue.remove(client, target)
+            running = self.running
+            if not gone and running is not None and running.client == client and running.rid == target:
+                running.cancel.set()
+                return {"cancelled": True}, None
         for job in gone:
             self._send_final(job, "cancelled", {})
-        running = self.running
-        if not gone and running is not None and running.client == client and running.rid == target:
-            running.cancel.set()
-            return {"cancelled": True}, None
         return {"cancelled": bool(gone)}, None
 
     def _send_final(self, job: Job, type_: str, fields: dict) -> None:
@@ -371,8 +397,9 @@ class Server:
         if model not in (None, "auto", "base"):
             model = codec.model_name(h, "model")
         camera = h.get("camera") or {}
-        if not isinstance(camera, dict):
-            raise ProtocolError("bad_request", "camera must be a map of make, model, serial")
+        if not isinstance(camera, dict) or not all(isinstance(camera.get(k), (str, int, float, type(None)))
+                                                   for k in ("make", "model", "serial")):
+            raise ProtocolError("bad_request", "camera must be a map of make, model, serial (strings)")
         camera = {k: str(camera[k])[:128] for k in ("make", "model", "serial") if camera.get(k)}
         spec = JobSpec(kind=msg.type, image=image, order=desc.order, dust=markers["dust"],
                        not_dust=markers["not_dust"], model=model,
@@ -393,14 +420,21 @@ class Server:
         out.connect(self._out_addr)
         try:
             while not self._stop.is_set():
-                job = self.queue.get()
+                if not self.queue.wait():
+                    continue
+                with self._running_lock:  # taken from the queue and marked running at once
+                    job = self.queue.get()
+                    self.running = job
                 if job is None:
                     continue
-                self.running = job
                 try:
                     type_, fields, buffers = self._run(out, job)
                 finally:
-                    self.running = None
+                    with self._running_lock:
+                        self.running = None
+                        late = job.cancel.is_set()
+                if late and type_ != "cancelled":  # its client was told 'cancelled: true' meanwhile
+                    type_, fields, buffers = "cancelled", {}, None
                 # sent after 'running' is cleared: a client that saw the reply sees an idle daemon
                 self._push(out, job, type_, fields, buffers)
         finally:

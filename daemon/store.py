@@ -64,6 +64,36 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_meta(meta: dict, where) -> dict:
+    """A fine-tuned model's metadata, every field the daemon reads of the type it reads; else WeightsError.
+
+    Files come from imports and from disk, so a field of the wrong type must not reach
+    ``newest_for_camera``, the threshold or a reply (msgpack cannot pack an int over 2^64).
+    """
+    def bad(field: str):
+        raise WeightsError(f"model file {where} has unusable metadata ({field!r}: {meta.get(field)!r:.60})")
+
+    if meta.get("kind") != "finetuned":
+        raise WeightsError(f"model file {where} is not a fine-tuned healdust model")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("widths"), list):
+        bad("config")
+    if meta.get("mode") not in ("transfer", "scratch"):
+        bad("mode")
+    cam = meta.get("camera", {})
+    if not isinstance(cam, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cam.items()):
+        bad("camera")
+    t = meta.get("threshold", 0.5)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        bad("threshold")
+    m = meta.get("markers", 0)
+    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < 1 << 31:
+        bad("markers")
+    for field in ("created", "name", "base", "healdust"):
+        if not isinstance(meta.get(field, ""), str):
+            bad(field)
+    return meta
+
+
 class ModelStore:
     def __init__(self, home: str | Path | None = None):
         self.home = Path(home) if home else healdust_home()
@@ -89,7 +119,7 @@ class ModelStore:
         p = self.path(name)
         if not p.exists():
             raise ModelNotFound(name)
-        return read_meta(p)
+        return check_meta(read_meta(p), p)
 
     def load(self, name: str, base: DustUNet, base_meta: dict) -> tuple[DustUNet, dict]:
         p = self.path(name)
@@ -100,8 +130,7 @@ class ModelStore:
 
     @staticmethod
     def _build(p: Path, tensors: dict, meta: dict, base: DustUNet, base_meta: dict) -> DustUNet:
-        if meta.get("kind") != "finetuned":
-            raise WeightsError(f"model file {p} is not a fine-tuned healdust model")
+        check_meta(meta, p)
         if meta.get("config", {}).get("widths") != list(base.cfg.widths):
             raise WeightsError(f"model file {p} was made for widths {meta.get('config', {}).get('widths')}, "
                                f"the base model has {list(base.cfg.widths)}")
@@ -144,8 +173,11 @@ class ModelStore:
             return []
         out = []
         for p in sorted(self.dir.glob("*.safetensors")):
+            if p.name.startswith("."):  # an import still being checked (pathlib's glob matches dot files)
+                continue
             try:
-                meta = read_meta(p)
+                meta = check_meta(read_meta(p), p)
+                meta["name"] = p.stem  # the name it is found by, whatever the file says
                 meta["size_bytes"] = p.stat().st_size
             except WeightsError as e:
                 meta = {"name": p.stem, "error": str(e)}
@@ -175,7 +207,10 @@ class ModelStore:
         try:
             with os.fdopen(fd, "wb") as f:  # a full disk fails here, before the model is touched
                 f.write(data)
-            tensors, meta = load_weights(tmp)
+            try:
+                tensors, meta = load_weights(tmp)
+            except WeightsError as e:  # name the file as the user knows it, not our temporary copy
+                raise WeightsError(str(e).replace(tmp, "the imported model file")) from None
             if base is not None:
                 self._build(Path("(imported file)"), tensors, meta, base, base_meta or {})
             elif meta.get("kind") != "finetuned":

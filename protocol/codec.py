@@ -34,6 +34,7 @@ class Limits:
     max_model_bytes: int = 64 << 20
     max_queue: int = 64
     max_queue_per_client: int = 16
+    max_queue_bytes: int = 4 << 30  # pixels waiting in the queue (a lone job may exceed it)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -89,6 +90,9 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
                                          f"{limits.max_header_bytes}")
     if len(frames) - 1 > limits.max_frames:
         raise ProtocolError("too_large", f"{len(frames) - 1} buffer frames; at most {limits.max_frames}")
+    why = check_structure(raw, limits.max_markers * 2 + 64)
+    if why:
+        raise ProtocolError("bad_message", f"header is not valid msgpack ({why})")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True,
                                  max_array_len=limits.max_markers * 2 + 64,
@@ -105,11 +109,77 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
     if not isinstance(mtype, str) or not mtype or len(mtype) > 64:
         raise ProtocolError("bad_message", "header needs a 'type' string", rid)
     v = header.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:  # True == 1 and 1.0 == 1 in Python
         raise ProtocolError("unsupported_version",
                             f"protocol version {v!r} is not spoken here; this side speaks {PROTOCOL_VERSION}",
                             rid)
     return Message(header, list(frames[1:]))
+
+
+MAX_DEPTH = 16  # a header needs 4 (header → markers → list → marker)
+# bytes after the type byte for fixed-size scalars
+_FIXED = {0xc0: 0, 0xc2: 0, 0xc3: 0, 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8,
+          0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8, 0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17}
+_LEN = {0xc4: (1, 0), 0xc5: (2, 0), 0xc6: (4, 0), 0xc7: (1, 1), 0xc8: (2, 1), 0xc9: (4, 1),
+        0xd9: (1, 0), 0xda: (2, 0), 0xdb: (4, 0)}   # (length bytes, type byte of ext)
+_CONT = {0xdc: (2, 1), 0xdd: (4, 1), 0xde: (2, 2), 0xdf: (4, 2)}  # (count bytes, items per count)
+
+
+def check_structure(raw: bytes, max_items: int, max_depth: int = MAX_DEPTH) -> str | None:
+    """Why ``raw`` must not be unpacked, or None; walks the msgpack encoding without building anything.
+
+    msgpack allocates every array as long as it declares before reading one element, so a
+    few kB of nested array headers would cost tens of MB: refuse nesting deeper than
+    ``max_depth`` and containers that declare more items than ``max_items`` or than the
+    bytes left could hold.
+    """
+    n = len(raw)
+    i = 0
+    stack = [1]
+    while stack:
+        if not stack[-1]:
+            stack.pop()
+            continue
+        stack[-1] -= 1
+        if i >= n:
+            return "truncated"
+        b = raw[i]
+        if b <= 0x7f or b >= 0xe0:
+            i += 1
+            continue
+        if 0xa0 <= b <= 0xbf:
+            i += 1 + (b & 0x1f)
+            continue
+        if b <= 0x9f:  # fixmap 0x80-0x8f, fixarray 0x90-0x9f
+            count = (b & 0x0f) * (2 if b <= 0x8f else 1)
+            i += 1
+        elif b in _FIXED:
+            i += 1 + _FIXED[b]
+            continue
+        elif b in _LEN:
+            lb, extra = _LEN[b]
+            if i + 1 + lb > n:
+                return "truncated"
+            size = int.from_bytes(raw[i + 1:i + 1 + lb], "big")
+            i += 1 + lb + extra + size
+            continue
+        elif b in _CONT:
+            cb, per = _CONT[b]
+            if i + 1 + cb > n:
+                return "truncated"
+            count = int.from_bytes(raw[i + 1:i + 1 + cb], "big") * per
+            i += 1 + cb
+        else:
+            return f"byte 0x{b:02x} is not msgpack"
+        if count:
+            if count > max_items:
+                return f"a container of {count} items"
+            if count > n - i:
+                return f"a container declares {count} items with {n - i} bytes left"
+            if len(stack) > max_depth:
+                return f"nested deeper than {max_depth} levels"
+            stack.append(count)
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -163,9 +233,9 @@ def parse_image(d, buffers: list, what: str = "image", limits: Limits = DEFAULT_
     width, height = _int(d, "width", what), _int(d, "height", what)
     channels, stride, frame = _int(d, "channels", what), _int(d, "stride", what), _int(d, "frame", what)
     order, dtype = d.get("order"), d.get("dtype")
-    if order not in ORDER_CHANNELS:
+    if not isinstance(order, str) or order not in ORDER_CHANNELS:
         raise ProtocolError("bad_request", f"{what}: order must be one of {', '.join(ORDER_CHANNELS)}")
-    if dtype not in SAMPLE_BYTES:
+    if not isinstance(dtype, str) or dtype not in SAMPLE_BYTES:
         raise ProtocolError("bad_request", f"{what}: dtype must be one of {', '.join(SAMPLE_BYTES)}")
     if ORDER_CHANNELS[order] != channels:
         raise ProtocolError("bad_request", f"{what}: order {order} has {ORDER_CHANNELS[order]} channels, "

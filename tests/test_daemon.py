@@ -271,8 +271,28 @@ def test_queue_is_round_robin_across_clients():
     with pytest.raises(Exception) as e:
         q.put(Job(b"D", "d1", "detect", spec))
     assert getattr(e.value, "code", None) == "busy"
-    assert [q.get(0).rid for _ in range(5)] == ["a1", "b1", "c1", "a2", "a3"]
-    assert q.get(0) is None
+    assert [q.get().rid for _ in range(5)] == ["a1", "b1", "c1", "a2", "a3"]
+    assert q.get() is None and not q.wait(0.01)
+
+
+def test_queue_limits_bytes_and_says_which_limit():
+    from healdust.pipeline import JobSpec
+    from healdust.protocol import Limits
+    from healdust.server import FairQueue, Job
+
+    q = FairQueue(Limits(max_queue=10, max_queue_per_client=2, max_queue_bytes=1000))
+    big = JobSpec("detect", np.zeros((20, 20, 3), np.uint8))  # 1200 bytes: alone it is let in
+    q.put(Job(b"A", "a1", "detect", big))
+    with pytest.raises(Exception, match="MiB of images queued"):
+        q.put(Job(b"B", "b1", "detect", JobSpec("detect", np.zeros((1, 1, 3), np.uint8))))
+    assert q.get().rid == "a1"
+    small = JobSpec("detect", np.zeros((10, 10, 3), np.uint8))
+    q.put(Job(b"A", "a2", "detect", small))
+    q.put(Job(b"A", "a3", "detect", small))
+    with pytest.raises(Exception, match="this client already has 2 jobs"):
+        q.put(Job(b"A", "a4", "detect", small))
+    assert len(q.remove(b"A")) == 2 and q.get() is None
+    q.put(Job(b"B", "b2", "detect", big))  # the removed jobs' bytes were given back
 
 
 def test_sigint_shuts_down_cleanly(tmp_path):

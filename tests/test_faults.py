@@ -3,97 +3,18 @@ a daemon that goes away mid-job. Real daemon processes throughout."""
 
 from __future__ import annotations
 
-import random
 import resource
 import signal
-import threading
 import time
 
 import numpy as np
 import pytest
-import torch
 
-from healdust.model.weights_io import load_weights
 from healdust.protocol import ImageDesc
 from healdust.protocol.client import Client, DaemonLost, RemoteError
-from healdust.store import ModelStore, load_base_model
 
 from .conftest import DaemonProcess, to_u8
-
-
-def two_models(tmp_path) -> tuple[bytes, bytes]:
-    """Two valid fine-tuned model files for the shipped base, told apart by their weights."""
-    base, meta = load_base_model()
-    store = ModelStore(tmp_path / "make")
-    out = []
-    for shift in (0.01, -0.01):
-        m = load_base_model()[0]
-        with torch.no_grad():
-            for p in m.decoder.parameters():
-                p.add_(shift)
-        store.save("roll", m, meta, "transfer", 5, 0.5)
-        out.append(store.path("roll").read_bytes())
-    return out[0], out[1]
-
-
-def which_model(path, a: dict, b: dict) -> str:
-    tensors, _ = load_weights(path)  # raises on a torn file
-    for name, ref in (("a", a), ("b", b)):
-        if set(tensors) == set(ref) and all(torch.equal(tensors[k], ref[k]) for k in ref):
-            return name
-    raise AssertionError(f"{path} holds neither model")
-
-
-def _import_forever(endpoint: str, blobs: list[bytes], stop: threading.Event, counts: list[int]) -> None:
-    try:
-        with Client(endpoint, timeout=5) as c:
-            i = 0
-            while not stop.is_set():
-                c.call("models.import", {"name": "roll"}, [blobs[i % 2]])
-                counts[0] += 1
-                i += 1
-    except Exception:  # the daemon was killed under us: expected
-        pass
-
-
-def sigkill_during_saves(tmp_path, kills: int, seed: int = 7) -> dict:
-    """Kill a daemon that saves one model over and over, ``kills`` times at random moments.
-
-    After every kill the model file must be one of the two versions, whole, and a restarted
-    daemon must serve it. Returns the figures (bench/soak.py prints them).
-    """
-    a_bytes, b_bytes = two_models(tmp_path)
-    a_path, b_path = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    a_path.write_bytes(a_bytes)
-    b_path.write_bytes(b_bytes)
-    a, b = load_weights(a_path)[0], load_weights(b_path)[0]
-    home = tmp_path / "home"
-    rng = random.Random(seed)
-    saves, seen = 0, {"a": 0, "b": 0}
-    for _ in range(kills):
-        d = DaemonProcess(home)
-        stop, counts = threading.Event(), [0]
-        t = threading.Thread(target=_import_forever, args=(d.endpoint, [a_bytes, b_bytes], stop, counts))
-        t.start()
-        deadline = time.monotonic() + 30
-        while counts[0] < 2 and time.monotonic() < deadline:  # let saves get going, then kill at random
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))
-        d.stop(signal.SIGKILL)
-        stop.set()
-        t.join(10)
-        saves += counts[0]
-        assert counts[0] >= 2, "the daemon saved nothing before the kill"
-        seen[which_model(home / "models" / "roll.safetensors", a, b)] += 1
-    d = DaemonProcess(home)  # a restart cleans the interrupted saves' temporary files
-    try:
-        with Client(d.endpoint) as c:
-            assert c.call("models.show", {"name": "roll"}).get("model")["name"] == "roll"
-        leftovers = [p.name for p in (home / "models").iterdir() if p.name != "roll.safetensors"]
-        assert leftovers == [], leftovers
-    finally:
-        d.stop()
-    return {"kills": kills, "saves": saves, "ended_as": seen}
+from .stress import sigkill_during_saves, two_models
 
 
 def test_sigkill_at_random_moments_of_saving_never_tears_a_model(tmp_path):

@@ -53,13 +53,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(home: str) -> tuple[subprocess.Popen, str]:
+def start_daemon(home: str, device: str, precision: str) -> tuple[subprocess.Popen, str]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    p = subprocess.Popen([sys.executable, "-m", "healdust", "serve", "--endpoint", endpoint, "--device", "cpu"],
+    p = subprocess.Popen([sys.executable, "-m", "healdust", "serve", "--endpoint", endpoint, "--device", device,
+                          "--precision", precision],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                          env=dict(os.environ, HEALDUST_HOME=home))
     assert p.stdout.readline().startswith("healdust ready")
     return p, endpoint
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -74,21 +85,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="6,24")
     ap.add_argument("--depths", default="8,16")
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="detection arithmetic (healdust serve --precision)")
     args = ap.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
-    pipe = Pipeline("cpu")
+    pipe = Pipeline(args.device, precision=args.precision)
+    cuda = pipe.device.type == "cuda"
     rows = []
     home = tempfile.mkdtemp(prefix="healdust-speed-")
     for mp in sizes:
-        daemon, endpoint = start_daemon(home)
+        daemon, endpoint = start_daemon(home, args.device, args.precision)
         try:
             for depth in depths:
                 img = make_image(mp, depth)
                 h, w = img.shape[:2]
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 t = time.monotonic()
                 res = pipe.run(JobSpec("heal", img, "RGB"))
                 local = time.monotonic() - t
+                gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
                 desc = ImageDesc.packed(w, h, "RGB", "u8" if depth == 8 else "u16").to_dict()
                 with Client(endpoint, timeout=1800, home=home) as c:
                     t = time.monotonic()
@@ -96,7 +114,7 @@ def main(argv=None) -> int:
                     remote = time.monotonic() - t
                 assert ev.get("spots") == res.spots
                 rows.append((mp, depth, w * h / 1e6, res.seconds["detect"], res.seconds["heal"], local, remote,
-                             peak_rss_mb(daemon.pid), res.spots))
+                             peak_rss_mb(daemon.pid), res.spots, gpu_mb))
                 print(f"# {w}x{h} {depth}-bit done", file=sys.stderr)
                 del img, res, ev
         finally:
@@ -107,16 +125,18 @@ def main(argv=None) -> int:
                                                      .astype(np.uint8))
     big = [i for i in range(1, n) if st[i, cv2.CC_STAT_AREA] >= 6][:5]
     dust = [(float(cen[i][0]), float(cen[i][1]), float(0.5 * np.hypot(st[i, 2], st[i, 3]) + 5)) for i in big]
-    ft = fine_tune(pipe.base, img, "RGB", dust)
+    ft = fine_tune(pipe.base, img, "RGB", dust, device=pipe.device)
 
-    print(f"\nSpeed on {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU; base model, no markers\n")
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nSpeed on {cpu_name()} ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}, "
+          f"{where}, precision {args.precision}; base model, no markers\n")
     print("| image | depth | MP | detect s/MP | heal s/MP | in-process s | via daemon s | daemon overhead "
-          "| daemon peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for mp, depth, real_mp, det, heal, local, remote, rss, _spots in rows:
+          "| daemon peak RSS MB |" + (" peak GPU MB (in-process) |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    for mp, depth, real_mp, det, heal, local, remote, rss, _spots, gpu_mb in rows:
         print(f"| {mp:g} MP | {depth}-bit | {real_mp:.1f} | {det / real_mp:.2f} | {heal / real_mp:.3f} | "
-              f"{local:.1f} | {remote:.1f} | {100 * (remote / local - 1):+.0f} % | {rss:.0f} |")
+              f"{local:.1f} | {remote:.1f} | {100 * (remote / local - 1):+.0f} % | {rss:.0f} |"
+              + (f" {gpu_mb:.0f} |" if cuda else ""))
     print(f"\nfine-tune on {len(dust)} markers (transfer): {ft.seconds:.1f} s, {ft.steps} steps")
     return 0
 

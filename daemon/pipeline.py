@@ -22,7 +22,7 @@ from .components import MaskComponents
 from .heal import heal_into
 from .imageio import color_channels, color_rgb, to_float
 from .model.finetune import FineTuneConfig, dust_inside_marker, fine_tune
-from .model.infer import iter_proba
+from .model.infer import iter_proba, use_bf16
 from .model.unet import DustUNet
 from .model.weights_io import WeightsError
 from .store import ModelStore, load_base_model
@@ -192,14 +192,14 @@ def decide_mask(prob: np.ndarray, threshold: float, image: np.ndarray | None = N
 def detect_mask(model: DustUNet, image: np.ndarray, order: str, threshold: float, device="cpu",
                 calibrated: bool = True, dust: list | None = None, tile: int = 512,
                 progress: Callable[[float], None] | None = None,
-                check_cancel: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
+                check_cancel: Callable[[], None] | None = None, precision: str = "auto") -> tuple[np.ndarray, float]:
     """Tiled detection straight into the mask: (uint8 HxW, 255 = dust; threshold used).
 
     Besides the mask itself only one tile's probabilities are held at a time.
     """
     b = MaskBuilder(image.shape[:2], threshold, calibrated, dust)
     for y0, y1, x0, x1, prob in iter_proba(model, image, order, device, tile=tile, progress=progress,
-                                           check_cancel=check_cancel):
+                                           check_cancel=check_cancel, precision=precision):
         b.add(y0, y1, x0, x1, prob)
     return b.finish(image, order)
 
@@ -226,8 +226,11 @@ class Pipeline:
     """Owns the warm models. Not thread-safe: one job at a time (the daemon's worker)."""
 
     def __init__(self, device: str = "auto", store: ModelStore | None = None, base_path=None,
-                 tile: int = 512, finetune: FineTuneConfig | None = None):
+                 tile: int = 512, finetune: FineTuneConfig | None = None, precision: str = "auto"):
+        """precision: detection's arithmetic, see model.infer.use_bf16."""
         self.device = pick_device(device)
+        use_bf16(self.device, precision)  # refuses a wrong value now, not in a job
+        self.precision = precision
         self.store = store or ModelStore()
         self.base, self.base_meta = load_base_model(base_path, self.device)
         self.tile = tile
@@ -329,6 +332,7 @@ class Pipeline:
             mask, threshold = detect_mask(model, spec.image, spec.order,
                                           spec.threshold if fixed else threshold, self.device,
                                           calibrated=not fixed, dust=spec.dust, tile=self.tile,
+                                          precision=self.precision,
                                           progress=lambda f: progress("detect", f), check_cancel=check_cancel)
             result.threshold = float(threshold)
             result.seconds["detect"] = round(time.monotonic() - t1, 3)

@@ -504,7 +504,9 @@ def _private_ipc(endpoint: str) -> None:
 def _is_oom(e: BaseException) -> bool:
     """torch reports a failed CPU allocation as a RuntimeError, not as MemoryError."""
     text = str(e).lower()
-    return "can't allocate memory" in text or "out of memory" in text
+    # oneDNN says "could not create a primitive" when its workspace allocation fails
+    return any(w in text for w in ("can't allocate memory", "out of memory", "bad_alloc",
+                                   "could not create a primitive"))
 
 
 def _oom_error() -> type[BaseException]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -345,11 +346,18 @@ def test_dead_daemon_gives_an_error_then_the_plugin_starts_one(session, krita_ho
     krita_home.install(failing, endpoint)
     good = [sys.executable, "-m", "healdust", "serve"]
     home = tmp_path / "autostart-home"
+    vanishing_endpoint = f"ipc://{tmp_path}/vanishing.sock"
+    vanishing = subprocess.Popen([sys.executable, str(Path(__file__).parent / "vanishing_daemon.py"),
+                                  vanishing_endpoint], stdout=subprocess.PIPE, text=True)
+    assert vanishing.stdout.readline().strip() == "ready"
     try:
-        results = krita_home.run("session_connect.py", {"good_serve_command": good}, tmp_path / "out",
-                                 timeout=240, env={"HEALDUST_HOME": str(home)})
+        results = krita_home.run("session_connect.py", {"good_serve_command": good,
+                                                        "vanishing_endpoint": vanishing_endpoint},
+                                 tmp_path / "out", timeout=240, env={"HEALDUST_HOME": str(home)})
     finally:
         _kill_daemons_serving(endpoint)
+        vanishing.kill()
+        vanishing.wait()
 
     dead = results["steps"]["dead"]
     assert "error" not in dead, dead.get("error")
@@ -360,6 +368,14 @@ def test_dead_daemon_gives_an_error_then_the_plugin_starts_one(session, krita_ho
     assert dead["seconds"] < 15                          # no hang
     assert dead["event_loop_turns"] > 20                 # the UI kept running while waiting
     assert dead["layers"] == dead["layers_before"]
+
+    gone = results["steps"]["vanished"]
+    assert "error" not in gone, gone.get("error")
+    assert vanishing.returncode == 0, "the stand-in daemon did not get the job"
+    rec = gone["record"]
+    assert rec["outcome"] == "error" and "went away while working" in rec["message"], rec
+    assert "document was not changed" in rec["message"]
+    assert gone["seconds"] < 15 and gone["layers"] == gone["layers_before"]
 
     auto = results["steps"]["autostart"]
     assert "error" not in auto, auto.get("error")

@@ -3,6 +3,8 @@
 1. ``dead``: the installed serve command fails at once → the plugin reports why, quickly.
 2. ``autostart``: Krita's setting points at a working serve command → the plugin starts the
    daemon in the background, waits for its hello, and heals an edited mask.
+3. ``vanished``: a daemon that dies in the middle of the job → the plugin says so at once
+   and leaves the document as it was.
 """
 
 import json
@@ -61,4 +63,7 @@ run("dead", "healdust_heal_mask", 60)
 K.writeSetting("healdust", "serve_command", json.dumps(ARGS["good_serve_command"]))
 run("autostart", "healdust_heal_mask", 180)
 K.writeSetting("healdust", "serve_command", "")
+K.writeSetting("healdust", "endpoint", ARGS["vanishing_endpoint"])
+run("vanished", "healdust_heal_mask", 60)
+K.writeSetting("healdust", "endpoint", "")
 kit.save_results()

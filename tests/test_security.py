@@ -145,6 +145,12 @@ def test_network_endpoint_refuses_to_start_without_keys_and_then_lets_in_only_al
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (laptop / "keys").iterdir()) == ["client.key", "client.key_secret", "server.key"]
     assert stat.S_IMODE((laptop / "keys" / "client.key_secret").stat().st_mode) == 0o600
+    r = subprocess.run([sys.executable, "-m", "healdust", "keys"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "laptop" in r.stdout and "local" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "healdust", "keys", "add-client", "laptop", "--out",
+                        str(tmp_path / "again")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "already allowed" in r.stderr
 
     d = DaemonProcess(server_home, endpoint=endpoint)
     try:

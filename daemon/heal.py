@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from .components import MaskComponents, Piece
-from .heal_fill import CONTEXT, search_radius, texture_fill, unmix_speck
+from .heal_fill import CONTEXT, search_radius, texture_layers, unmix_speck
 from .heal_flat import shadow_repair
 from .imageio import from_float, to_float
 
@@ -155,7 +155,8 @@ def _heal_piece(image: np.ndarray, out: np.ndarray, channels: list[int] | None, 
         target = cv2.dilate(region.astype(np.uint8), k).astype(bool)
         # seeded by where the piece is, so the grain does not depend on the visiting order
         rng = np.random.default_rng((y0, y1, x0, x1))
-        values = unmix_speck(win[region], texture_fill(win, unknown, target, rng)[region])
+        structure, grain = texture_layers(win, unknown, target, rng)
+        values = unmix_speck(win[region], structure[region], grain[region])
         if shadow is not None:
             values = confidence * shadow + (1.0 - confidence) * values
     view = out[wy0:wy1, wx0:wx1]

@@ -5,14 +5,16 @@ along a hair or a scratch). For each cell the nearby patches whose surroundings 
 match the hole's surroundings are found (masked SSD through ``cv2.matchTemplate``):
 
 * the hole's structure (detail coarser than ``LP_SIGMA``) is their match-weighted mean
-  (a non-local mean: continues texture, but averages away a single wrong guess);
+  (a non-local mean over candidates at least ``SPREAD`` px apart: continues texture,
+  but averages away a single wrong guess);
 * its grain (finer detail) is the best patch's own, so it is not averaged away;
 * like a healing brush, the mismatch between the copied structure and the real pixels on
   the hole's rim is spread smoothly (membrane fill) across the hole, so no seam shows.
 
 Cells with no usable patch nearby (the middle of a large painted blob) get a diffusion
 fill plus noise matched to the grain around the hole. Pixels that still show a partly
-transparent speck's picture through it are unmixed afterwards (``unmix_speck``).
+transparent speck's picture through it are unmixed afterwards (``unmix_speck``), against
+the structure alone: the copied grain is only a guess, and would blur what shows through.
 """
 
 from __future__ import annotations
@@ -33,20 +35,25 @@ SEARCH = 28
 FEATHER = 3
 # Sigma of the high-pass used to measure and synthesise grain.
 GRAIN_SIGMA = 1.0
-# Detail finer than this (sigma, px) is grain, taken from the best patch alone.
-LP_SIGMA = 2.0
+# Detail finer than this (sigma, px) is grain, taken from the best patch alone; coarser
+# detail is averaged over the candidates (a guess averaged over many is a better guess).
+LP_SIGMA = 1.0
 # Candidate patches averaged for a hole's structure, and how forgiving the average is
 # (a candidate whose cost exceeds the best by NLM_H × the best's gets weight 1/e).
 CANDIDATES = 16
 NLM_H = 4.0
+# Candidates lie at least this far (px) apart: neighbours of the best one are nearly the
+# same patch shifted, and averaging them averages nothing away.
+SPREAD = 3
 # Share of the best patch's grain put back: a little under 1, because grain in the wrong
-# place costs twice its variance in error; the measured grain ratio stays near 1.
-GRAIN_GAIN = 0.8
+# place costs twice its variance in error; the measured grain ratio stays near the
+# clean photo's own.
+GRAIN_GAIN = 0.9
 # Sigma (px) smoothing the rim mismatch before it is spread across the hole.
 RING_SIGMA = 1.5
 # Unmixing a partly transparent speck: the picture read through it is trusted by
 # (1 − α)² / ((1 − α)² + UNMIX_K), the fill by the rest.
-UNMIX_K = 0.3
+UNMIX_K = 0.1
 
 
 def search_radius(bbox_h: int, bbox_w: int) -> int:
@@ -102,8 +109,8 @@ def best_offsets(win: np.ndarray, known: np.ndarray, box: tuple[int, int, int, i
     ``fill`` (bool, box-sized) marks the pixels that will be copied: a candidate is
     valid only if all of them land on known pixels. The cost is the mean squared
     difference over the pixels known in both the box and the candidate, so a source
-    may lie right beside a thin hair. Up to ``count`` candidates, best first, no two
-    adjacent; empty when nothing valid is near enough.
+    may lie right beside a thin hair. Up to ``count`` candidates, best first, none
+    within ``SPREAD`` px of a better one; empty when nothing valid is near enough.
     """
     H, W = known.shape
     y0, y1, x0, x1 = box
@@ -126,8 +133,9 @@ def best_offsets(win: np.ndarray, known: np.ndarray, box: tuple[int, int, int, i
     cost = np.maximum(cost / np.maximum(overlap, 1.0), 0.0)
     bad = (holes > 0.5) | (overlap < 0.5 * n_known)
     # prefer near patches when matches are about equally good: grain and light drift
-    ry, rx = np.mgrid[sy0 - y0:sy1 - th + 1 - y0, sx0 - x0:sx1 - tw + 1 - x0]
-    rank = cost * (1.0 + 0.05 * (ry * ry + rx * rx) / float(radius * radius)) + 1e-7 * (ry * ry + rx * rx)
+    ry, rx = np.ogrid[sy0 - y0:sy1 - th + 1 - y0, sx0 - x0:sx1 - tw + 1 - x0]
+    r2 = ry * ry + rx * rx
+    rank = cost * (1.0 + 0.05 * r2 / float(radius * radius)) + 1e-7 * r2
     rank[bad] = np.inf
     out = []
     for _ in range(count):
@@ -136,7 +144,7 @@ def best_offsets(win: np.ndarray, known: np.ndarray, box: tuple[int, int, int, i
             break
         py, px = divmod(idx, rank.shape[1])
         out.append((sy0 + py - y0, sx0 + px - x0, float(cost[py, px])))
-        rank[max(0, py - 1):py + 2, max(0, px - 1):px + 2] = np.inf
+        rank[max(0, py - SPREAD):py + SPREAD + 1, max(0, px - SPREAD):px + SPREAD + 1] = np.inf
     return out
 
 
@@ -169,11 +177,22 @@ def texture_fill(win: np.ndarray, unknown: np.ndarray, target: np.ndarray,
     in the window, slightly dilated); ``target`` the part of it to fill now. Returns a
     copy of ``win`` whose target pixels are filled; the rest is unchanged.
     """
+    structure, grain = texture_layers(win, unknown, target, rng)
+    return structure + GRAIN_GAIN * grain
+
+
+def texture_layers(win: np.ndarray, unknown: np.ndarray, target: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``texture_fill`` in two layers: (structure, grain), both HxWxC float32.
+
+    The structure is a copy of ``win`` whose target pixels hold the filled structure;
+    the grain is zero but on the target pixels (add ``GRAIN_GAIN`` of it for the fill).
+    """
     H, W, C = win.shape
     target = target & unknown
     ys, xs = np.nonzero(target)
     if len(ys) == 0 or unknown.all():
-        return win.copy()  # nothing to fill, or nothing to fill it from
+        return win.copy(), np.zeros_like(win)  # nothing to fill, or nothing to fill it from
     k5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     near = cv2.dilate(target.astype(np.uint8), k5).astype(bool)
     ring = near & ~unknown
@@ -234,18 +253,25 @@ def texture_fill(win: np.ndarray, unknown: np.ndarray, target: np.ndarray,
         noise = grain_noise(detail[sub].shape, std, rng)
         detail[sub] = np.where(fallback[sub][..., None], noise, detail[sub])
     out = win.copy()
-    out[target] = structure[target] + GRAIN_GAIN * detail[target]
-    return out
+    out[target] = structure[target]
+    grain = np.zeros_like(win)
+    grain[target] = detail[target]
+    return out, grain
 
 
-def unmix_speck(seen: np.ndarray, fill: np.ndarray) -> np.ndarray:
+def unmix_speck(seen: np.ndarray, fill: np.ndarray, grain: np.ndarray | None = None) -> np.ndarray:
     """Recover what shows through a partly transparent speck (n×C pixel lists).
 
     A speck lies over the picture as ``seen = picture·(1 − α) + tone·α``. The tone is
     read from the speck's core, α per pixel from how far each pixel has moved from the
     fill towards the tone; where α is well below 1 the picture is unmixed, where it is
     near 1 the fill is kept, blended by how much unmixing would amplify errors.
+
+    ``fill`` is best the structure alone, with the synthetic ``grain`` given apart: α
+    is then read against the structure (copied grain is noise to the real picture and
+    would only blur α), and the grain goes back where the fill is kept.
     """
+    grainy = fill if grain is None else fill + GRAIN_GAIN * grain
     dev = seen - fill
     mag = np.sqrt((dev * dev).sum(1))
     core = mag >= np.percentile(mag, 75)
@@ -255,7 +281,7 @@ def unmix_speck(seen: np.ndarray, fill: np.ndarray) -> np.ndarray:
     picture = (seen - alpha * tone) / np.maximum(1.0 - alpha, 1e-3)
     keep = (1.0 - alpha) ** 2
     w = keep / (keep + UNMIX_K)
-    return (w * picture + (1.0 - w) * fill).astype(np.float32)
+    return (w * picture + (1.0 - w) * grainy).astype(np.float32)
 
 
 def harmonic_fill(values: np.ndarray, unknown: np.ndarray) -> np.ndarray:
@@ -276,8 +302,9 @@ def harmonic_fill(values: np.ndarray, unknown: np.ndarray) -> np.ndarray:
     sub = masked_blur(values[y0:y1, x0:x1], ~sub_u, max(1.0, reach))
     sub[~sub_u] = values[y0:y1, x0:x1][~sub_u]
     kernel = np.array([[0, 0.25, 0], [0.25, 0, 0.25], [0, 0.25, 0]], np.float32)
+    where = np.broadcast_to(sub_u.reshape(sub_u.shape + (1,) * (sub.ndim - 2)), sub.shape)
     for _ in range(int(np.clip(2 * reach * reach, 8, 300))):
         avg = cv2.filter2D(sub, -1, kernel, borderType=cv2.BORDER_REPLICATE).reshape(sub.shape)
-        sub[sub_u] = avg[sub_u]
+        np.copyto(sub, avg, where=where)
     out[y0:y1, x0:x1] = sub
     return out

@@ -60,6 +60,11 @@ MAX_TINT = 0.3
 CHROMA_RIDGE = 0.0001
 # Added to the luminance before taking logs: keeps near-black pixels from dominating.
 LOG_EPS = 0.02
+# Raw-data checks before the fit: the bright end (percentile) of the pixels just around a
+# spot, which a shadowed spot's median cannot exceed...
+NEAR_PERCENTILE = 90
+# ...nor fall below this fraction of (far darker than MAX_ATTENUATION allows).
+DARK_RATIO = 0.15
 
 
 @dataclass
@@ -98,15 +103,21 @@ def _spot_radius(region: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray
     return d, float(np.percentile(d[region], 98)) + 0.5
 
 
-def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
-                      diffuse: bool = False) -> ShadowFit | None:
-    """Fit background × radial shadow around ``region``; None if too little context.
+@dataclass
+class SpotGeometry:
+    """Where a spot's shadow would reach, shared by the raw-data checks and the fits."""
+    d: np.ndarray        # HxW distance from the spot's centre in its elliptical metric
+    r0: float            # the spot's extent in that metric
+    reach: float         # where a shadow's soft tail ends
+    outer: float         # outer edge of the ring of unshadowed pixels used by the fits
+    others: np.ndarray   # HxW bool: other spots, dilated by the tail (never context)
+    use: np.ndarray      # HxW bool: the pixels the fits see
+    tint: float | None = None  # the spot's foreign colour share, once measured
 
-    The background is a quadratic surface plus a colour rule, or with ``diffuse`` the
-    picture around the shadow carried across it by diffusion (better where an edge runs
-    under the spot) plus a plane.
-    """
-    H, W = win.shape[:2]
+
+def spot_geometry(all_mask: np.ndarray, region: np.ndarray) -> SpotGeometry | None:
+    """The fit's neighbourhood of ``region``; None if there is too little context."""
+    H, W = region.shape
     d, r0 = _spot_radius(region, (H, W))
     tail = float(np.clip(0.35 * r0, 2.0, 16.0))
     reach = r0 + tail
@@ -118,6 +129,22 @@ def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
     n_out = int((use & (d >= reach)).sum())
     if n_out < 24 or int((use & region).sum()) < 3:
         return None
+    return SpotGeometry(d, r0, reach, outer, others, use)
+
+
+def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
+                      diffuse: bool = False, geo: SpotGeometry | None = None) -> ShadowFit | None:
+    """Fit background × radial shadow around ``region``; None if too little context.
+
+    The background is a quadratic surface plus a colour rule, or with ``diffuse`` the
+    picture around the shadow carried across it by diffusion (better where an edge runs
+    under the spot) plus a plane. ``geo``: the spot's geometry, if already known.
+    """
+    H, W = win.shape[:2]
+    geo = geo if geo is not None else spot_geometry(all_mask, region)
+    if geo is None:
+        return None
+    d, r0, reach, outer, others, use = geo.d, geo.r0, geo.reach, geo.outer, geo.others, geo.use
 
     yy, xx = np.nonzero(use)
     dd = d[use].astype(np.float64)
@@ -136,10 +163,10 @@ def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
         # dark (blue sky over grey rock): let the ring's colour predict the brightness
         # under the spot. Learnt on the ring only, so a coloured speck cannot explain
         # away its own darkness; the ridge keeps a colourless ring from inventing a rule.
-        chroma = np.log(pix + LOG_EPS) - np.log(lum + LOG_EPS)[:, None]
+        chroma = _chroma(pix, lum)
         cols += [chroma[:, 0], chroma[:, 2]]
         ridge += [CHROMA_RIDGE, CHROMA_RIDGE]
-        tint = _foreign_colour(chroma, region[use], dd >= reach)
+        tint = geo.tint if geo.tint is not None else _foreign_colour(chroma, region[use], dd >= reach)
     basis = np.stack(cols, 1)
     # radial profile: tent basis on nodes 0..K-1, node K (at the reach) pinned to 0;
     # each pixel touches two neighbouring nodes (i0, i1) with weights (a0, a1)
@@ -215,6 +242,11 @@ def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
     ring = ~in_spot & (dd >= reach)
     return ShadowFit(att, float(raw[region].mean()), float(np.sqrt(np.mean(resid[in_spot] ** 2))),
                      float(np.sqrt(np.mean(resid[ring] ** 2))), tint)
+
+
+def _chroma(pix: np.ndarray, lum: np.ndarray) -> np.ndarray:
+    """Log chromaticity: each channel's log over the luminance's (n×3 from n×3, n)."""
+    return np.log(pix + LOG_EPS) - np.log(lum + LOG_EPS)[:, None]
 
 
 def _foreign_colour(chroma: np.ndarray, spot: np.ndarray, ring: np.ndarray) -> float:
@@ -356,6 +388,8 @@ def shadow_verdict(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) ->
     A spot counts as semi-transparent when it is a compact blob, its darkening is
     modest, neutral in colour and explained by a smooth radial shadow, and the texture
     seen through it, once the shadow is divided out, is about as strong as around it.
+    Most opaque specks are ruled out from the raw pixels before any fit (see
+    ``raw_verdict``).
     """
     ys, xs = np.nonzero(region)
     if len(ys) < 3 or max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 > MAX_SIZE:
@@ -364,13 +398,52 @@ def shadow_verdict(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) ->
         return ShadowVerdict(None, 0.0, "elongated")
     if solidity(region) < MIN_SOLIDITY:
         return ShadowVerdict(None, 0.0, "not solid")
-    verdict = _judge(win, region, fit_radial_shadow(win, all_mask, region))
+    geo = spot_geometry(all_mask, region)
+    if geo is None:
+        return ShadowVerdict(None, 0.0, "no context")
+    reason = raw_verdict(win, all_mask, region, geo)
+    if reason:
+        return ShadowVerdict(None, 0.0, reason)
+    verdict = _judge(win, region, fit_radial_shadow(win, all_mask, region, geo=geo))
     if verdict.confidence < 1 and region.sum() >= DIFFUSE_MIN_AREA:
         # an edge under a large spot fools the quadratic background: try diffusion
-        second = _judge(win, region, fit_radial_shadow(win, all_mask, region, diffuse=True))
+        second = _judge(win, region, fit_radial_shadow(win, all_mask, region, diffuse=True, geo=geo))
         if second.confidence > verdict.confidence:
             verdict = second
     return verdict
+
+
+def raw_verdict(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
+                geo: SpotGeometry) -> str | None:
+    """Why ``region`` cannot be a shadow, judged from its raw pixels; None if it may be.
+
+    Cheap, and run before the fits, which most opaque specks would only fail later:
+
+    * tinted: the share of the spot's colours not found in the ring is the fit's own
+      ``tint`` (the same pixels, the same numbers), and beyond ``1.5 × MAX_TINT`` the
+      verdict is 0 whatever the fit;
+    * brighter: a shadow only takes light, so the spot's median cannot exceed the bright
+      end (``NEAR_PERCENTILE``) of the pixels just around it. The fit's colour rule can
+      miss this: a white speck on blue sky next to white clouds looks like a cloud;
+    * too dark: the spot's median below ``DARK_RATIO`` of the bright end of its
+      surroundings is far darker than ``MAX_ATTENUATION`` allows.
+    """
+    lum = np.maximum(win, 0.0).mean(2)
+    near = (geo.d >= geo.r0) & (geo.d < geo.reach + 3) & ~all_mask
+    if int(near.sum()) >= 8:
+        spot = float(np.median(lum[region]))
+        bright = float(np.percentile(lum[near], NEAR_PERCENTILE))
+        if spot > bright:
+            return "brighter"
+        if spot < DARK_RATIO * bright:
+            return "too dark"
+    if win.shape[2] == 3:
+        pix = np.maximum(win[geo.use].astype(np.float64), 0.0)
+        chroma = _chroma(pix, pix.mean(1))
+        geo.tint = _foreign_colour(chroma, region[geo.use], geo.d[geo.use] >= geo.reach)
+        if geo.tint >= 1.5 * MAX_TINT:
+            return "tinted"
+    return None
 
 
 def _judge(win: np.ndarray, region: np.ndarray, fit: ShadowFit | None) -> ShadowVerdict:
@@ -382,19 +455,21 @@ def _judge(win: np.ndarray, region: np.ndarray, fit: ShadowFit | None) -> Shadow
         return ShadowVerdict(None, 0.0, "too dark")
     if fit.mean <= 0:
         return ShadowVerdict(None, 0.0, "brighter")
-    fixed = win / (1.0 - fit.attenuation)[..., None]
-    # once divided out, a shadow leaves the picture as busy as around it; a speck leaves
-    # a flat patch (ratio near 0) or its own sharp outline (ratio well above 1)
-    texture = texture_ratio(win, fixed, region)
-    lo_tex, hi_tex = TEXTURE_RANGE
     evidence = {
         "faint": _ramp(fit.mean, 0.5 * MIN_ATTENUATION, 1.5 * MIN_ATTENUATION),
         "tinted": _ramp(fit.tint, 1.5 * MAX_TINT, 0.5 * MAX_TINT),
-        "no texture": _ramp(texture, 0.85 * lo_tex, 1.3 * lo_tex),
-        "outline": _ramp(texture, 1.25 * hi_tex, hi_tex),
         # not a radial shadow: a speck of some other shape
         "unexplained": _ramp(fit.resid_in / (2.0 * fit.resid_out + 0.02), 1.2, 0.8),
     }
+    fixed = None
+    if min(evidence.values()) > 0:  # else ruled out already: the texture need not be measured
+        fixed = win / (1.0 - fit.attenuation)[..., None]
+        # once divided out, a shadow leaves the picture as busy as around it; a speck
+        # leaves a flat patch (ratio near 0) or its own sharp outline (ratio well above 1)
+        texture = texture_ratio(win, fixed, region)
+        lo_tex, hi_tex = TEXTURE_RANGE
+        evidence["no texture"] = _ramp(texture, 0.85 * lo_tex, 1.3 * lo_tex)
+        evidence["outline"] = _ramp(texture, 1.25 * hi_tex, hi_tex)
     reason = min(evidence, key=evidence.get)
     confidence = evidence[reason]
     return ShadowVerdict(fixed if confidence > 0 else None, confidence,

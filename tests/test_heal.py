@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
+from healdust import heal_flat, synth
+from healdust.demo import sample_path
 from healdust.heal import heal_image
 from healdust.synth import SensorDustField, SensorSpot
 
@@ -245,3 +247,129 @@ def test_opaque_specks_are_not_mistaken_for_shadows() -> None:
     assert float(ours[mask].mean()) > 0.3, "dark specks must be filled, not divided"
     assert psnr_in(ours, clean, mask) > 25
     assert 0.6 <= grain_ratio(ours, mask) <= 1.4
+
+
+# ---------------------------------------------------------------------------- film damage on a photo
+
+def photo_crops(count: int, size: int, seed: int) -> list[tuple[np.ndarray, np.random.Generator]]:
+    """Crops of the bundled sample photo with film grain, quantised to 8 bit."""
+    photo = synth.load_photo(sample_path(), 4096).astype(np.float32) / 255
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng(seed + i)
+        y, x = int(rng.integers(0, photo.shape[0] - size)), int(rng.integers(0, photo.shape[1] - size))
+        clean = synth.add_grain(np.ascontiguousarray(photo[y:y + size, x:x + size]), rng, 0.01)
+        out.append((np.round(clean * 255).astype(np.float32) / 255, rng))
+    return out
+
+
+def ns(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The other floor: cv2.inpaint Navier–Stokes on the 8-bit image."""
+    u8 = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    filled = cv2.inpaint(u8, mask.astype(np.uint8), 3, cv2.INPAINT_NS).reshape(image.shape)
+    out = image.copy()
+    out[mask] = filled[mask].astype(np.float32) / 255
+    return out
+
+
+def blob_damage(clean: np.ndarray, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Opaque specks and blobs 1–24 px across, dark or bright, soft-edged (alpha 0.75–1 in
+    the core); mask = alpha above the synth's threshold, as in the healing bench."""
+    h, w = clean.shape[:2]
+    alpha = np.zeros((h, w), np.float32)
+    for _ in range(count):
+        a = synth._speck(rng)
+        s = float(rng.uniform(1.0, 3.0))
+        a = cv2.resize(a, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR) * float(rng.uniform(0.75, 1.0))
+        synth._paste(alpha, a, int(rng.integers(0, h - a.shape[0])), int(rng.integers(0, w - a.shape[1])))
+    dark = rng.random() < 0.5
+    tone = (rng.uniform(0.0, 0.12, 3) if dark else rng.uniform(0.88, 1.0, 3)).astype(np.float32)
+    out = clean * (1 - alpha[..., None]) + tone * alpha[..., None]
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.float32) / 255, alpha > synth.MASK_ALPHA
+
+
+def pooled_gain(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """Pooled PSNR in the masks over all cases: (ours − the better of Telea and NS, grain)."""
+    sq = {"ours": 0.0, "telea": 0.0, "ns": 0.0}
+    n = 0
+    hp_in = hp_ring = 0.0
+    for clean, image, mask in cases:
+        ours = heal_image(image, mask)
+        for name, out in (("ours", ours), ("telea", telea(image, mask)), ("ns", ns(image, mask))):
+            sq[name] += float(((out - clean)[mask].astype(np.float64) ** 2).sum())
+        n += int(mask.sum()) * 3
+        g = grain_ratio(ours, mask)
+        hp_in += g * g
+        hp_ring += 1.0
+    psnr = {k: 10 * math.log10(n / v) for k, v in sq.items()}
+    return psnr["ours"] - max(psnr["telea"], psnr["ns"]), math.sqrt(hp_in / hp_ring)
+
+
+def test_opaque_blobs_on_a_photo_beat_the_smooth_fill_by_a_margin() -> None:
+    # Pooled over 10 crops (large blobs dominate, as in the healing bench's film rows):
+    # +3.0 dB over the better of Telea and NS; the fill before issue 6 (structure from
+    # patches blurred at sigma 2, α read against a grainy fill) made +2.1 dB.
+    cases = []
+    for clean, rng in photo_crops(10, 192, seed=200):
+        image, mask = blob_damage(clean, rng, 20)
+        cases.append((clean, image, mask))
+    gain, grain = pooled_gain(cases)
+    assert gain >= 2.6, f"pooled gain over the smooth fill {gain:+.2f} dB"
+    assert 0.8 <= grain <= 1.2, f"grain ratio {grain:.2f}"
+
+
+def test_thin_hairs_on_a_busy_photo_stay_near_the_smooth_fill() -> None:
+    # Known weak spot: across a 1–2 px hair on fine texture a smooth fill is hard to beat
+    # in PSNR (the fill's grain and texture guesses cost more than they win). Now -0.9 dB
+    # against the better of Telea and NS; before issue 6 it was -1.8 dB.
+    cases = []
+    for clean, rng in photo_crops(10, 256, seed=100):
+        dmg = synth.add_film_damage(clean, rng, None, count=30, grain=0.0)
+        image = np.round(np.clip(dmg.image, 0, 1) * 255).astype(np.float32) / 255
+        cases.append((clean, image, dmg.mask))
+    gain, grain = pooled_gain(cases)
+    assert gain >= -1.35, f"pooled gain over the smooth fill {gain:+.2f} dB"
+    assert 0.65 <= grain <= 1.2, f"grain ratio {grain:.2f}"
+
+
+def test_early_rejections_agree_with_the_full_fit() -> None:
+    # raw_verdict's "tinted" and "too dark" only skip fits that would say no anyway
+    checked = 0
+    for clean, rng in photo_crops(4, 192, seed=300):
+        dmg = synth.add_film_damage(clean, rng, None, count=40, grain=0.0)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(dmg.mask.astype(np.uint8), connectivity=8)
+        for i in range(1, n):
+            region = labels == i
+            geo = heal_flat.spot_geometry(dmg.mask, region)
+            if geo is None or stats[i, cv2.CC_STAT_AREA] < 3:
+                continue
+            reason = heal_flat.raw_verdict(dmg.image, dmg.mask, region, geo)
+            if reason not in ("tinted", "too dark"):
+                continue
+            for diffuse in (False, True):
+                fit = heal_flat.fit_radial_shadow(dmg.image, dmg.mask, region, diffuse=diffuse)
+                assert heal_flat._judge(dmg.image, region, fit).confidence == 0, (i, reason, diffuse)
+            checked += 1
+    assert checked >= 5
+
+
+def test_a_bright_speck_is_never_a_shadow() -> None:
+    # a white speck on blue sky with white clouds just beside it: the shadow fit's colour
+    # rule could read it as cloud under a shadow; a shadow only ever takes light
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96]
+    cloud = np.zeros((96, 96), np.float32)
+    for cy, cx, r in ((64, 40, 9), (64, 60, 9)):
+        cloud = np.maximum(cloud, np.clip((r - np.hypot(yy - cy, xx - cx)) / 3, 0, 1))
+    sky = np.array([0.25, 0.55, 0.9], np.float32)
+    clean = sky * (1 - cloud[..., None]) + np.float32(0.96) * cloud[..., None]
+    clean = np.clip(clean + 0.01 * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+    alpha = np.zeros((96, 96), np.float32)
+    cv2.ellipse(alpha, (48, 42), (7, 4), 30, 0, 360, 0.92, -1)
+    alpha = cv2.GaussianBlur(alpha, (0, 0), 0.7)
+    image = (clean * (1 - alpha[..., None]) + np.float32(0.95) * alpha[..., None]).astype(np.float32)
+    mask = alpha > 0.25
+    geo = heal_flat.spot_geometry(mask, mask)
+    assert heal_flat.raw_verdict(image, mask, mask, geo) == "brighter"
+    assert heal_flat.shadow_verdict(image, mask, mask).confidence == 0
+    assert psnr_in(heal_image(image, mask), clean, mask) > 32

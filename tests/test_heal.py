@@ -36,13 +36,18 @@ def textured(h: int, w: int, seed: int = 0, channels: int = 3, grain: float = 0.
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def telea(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The floor: cv2.inpaint Telea on the 8-bit image."""
+def cv2_inpaint(image: np.ndarray, mask: np.ndarray, method: int) -> np.ndarray:
+    """cv2.inpaint on the 8-bit image (float data confuses OpenCV's Telea)."""
     u8 = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-    filled = cv2.inpaint(u8, mask.astype(np.uint8), 3, cv2.INPAINT_TELEA).reshape(image.shape)
+    filled = cv2.inpaint(u8, mask.astype(np.uint8), 3, method).reshape(image.shape)
     out = image.copy()
     out[mask] = filled[mask].astype(np.float32) / 255
     return out
+
+
+def telea(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The floor: cv2.inpaint Telea."""
+    return cv2_inpaint(image, mask, cv2.INPAINT_TELEA)
 
 
 def psnr_in(result: np.ndarray, clean: np.ndarray, mask: np.ndarray) -> float:
@@ -264,12 +269,8 @@ def photo_crops(count: int, size: int, seed: int) -> list[tuple[np.ndarray, np.r
 
 
 def ns(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The other floor: cv2.inpaint Navier–Stokes on the 8-bit image."""
-    u8 = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-    filled = cv2.inpaint(u8, mask.astype(np.uint8), 3, cv2.INPAINT_NS).reshape(image.shape)
-    out = image.copy()
-    out[mask] = filled[mask].astype(np.float32) / 255
-    return out
+    """The other floor: cv2.inpaint Navier–Stokes."""
+    return cv2_inpaint(image, mask, cv2.INPAINT_NS)
 
 
 def blob_damage(clean: np.ndarray, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:

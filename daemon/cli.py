@@ -111,14 +111,10 @@ def ensure_daemon(endpoint: str) -> None:
             return
         except DaemonUnavailable:
             pass
-    if not is_local_endpoint(endpoint):
+    if keys.endpoint_kind(endpoint) == "network":  # a daemon there cannot be started from here
         raise CliError(f"no healdust daemon answers at {endpoint}")
     print(f"healdust: starting a daemon at {endpoint}", file=sys.stderr)
     start_daemon(endpoint)
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    return keys.endpoint_kind(endpoint) != "network"
 
 
 def connect(endpoint: str | None) -> Client:
@@ -311,22 +307,23 @@ def cmd_batch(args) -> int:
 
 def cmd_serve(args) -> int:
     from .pipeline import Pipeline
-    from .server import Server, is_loopback_endpoint
+    from .server import Server
     from .store import healdust_home
 
     endpoint = args.endpoint or default_endpoint()
+    kind = keys.endpoint_kind(endpoint)
     server_keys = None
     if endpoint.startswith("ipc://@"):
         raise CliError(f"refusing to listen on {endpoint}: an abstract ipc socket has no owner; "
                        "use a path in a private folder")
-    if not is_loopback_endpoint(endpoint):
+    if kind == "network":
         try:
             server_keys = keys.ensure_keys(healdust_home(), create=False)
         except keys.KeysError as e:
             raise CliError(f"refusing to listen on {endpoint} without CURVE keys ({e}); create them with "
                            f"`healdust keys add-client NAME`, then copy the folder it writes to the client "
                            f"machine") from None
-    elif keys.endpoint_kind(endpoint) == "loopback":
+    elif kind == "loopback":
         server_keys = keys.ensure_keys(healdust_home())
     if server_keys is not None and server_keys.fixed_modes:
         print(f"healdust: made key files private again: {', '.join(server_keys.fixed_modes)}", file=sys.stderr)

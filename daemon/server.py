@@ -37,10 +37,6 @@ PROGRESS_INTERVAL = 0.1  # s between progress events of one job (stage changes a
 ZAP_DOMAIN = "healdust"
 
 
-def is_loopback_endpoint(endpoint: str) -> bool:
-    return keys.endpoint_kind(endpoint) != "network"
-
-
 def image_from_frame(desc: ImageDesc, buf) -> np.ndarray:
     """An HxWxC array of the frame's pixels: a read-only view when rows are packed."""
     dt = NP_DTYPES[desc.dtype]
@@ -479,17 +475,14 @@ class Server:
             return "cancelled", {}, None
         except JobError as e:
             return "error", {"code": e.code, "message": e.message}, None
-        except (MemoryError, _oom_error(), RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not _is_oom(e):
-                log.error("job %s failed: %s", job.rid, traceback.format_exc())
-                return "error", {"code": "internal", "message": f"internal error: {type(e).__name__}: {e}"}, None
-            log.error("out of memory: %s", e)
-            return "error", {"code": "out_of_memory",
-                             "message": "out of memory on this image; try a smaller tile size "
-                                        "(healdust serve --tile 256) or a smaller image"}, None
         except WeightsError as e:
             return "error", {"code": "bad_model", "message": str(e)}, None
         except Exception as e:
+            if isinstance(e, (MemoryError, _oom_error())) or (isinstance(e, RuntimeError) and _is_oom(e)):
+                log.error("out of memory: %s", e)
+                return "error", {"code": "out_of_memory",
+                                 "message": "out of memory on this image; try a smaller tile size "
+                                            "(healdust serve --tile 256) or a smaller image"}, None
             log.error("job %s failed: %s", job.rid, traceback.format_exc())
             return "error", {"code": "internal", "message": f"internal error: {type(e).__name__}: {e}"}, None
 

@@ -12,7 +12,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from healdust_protocol.client import (
     DEFAULT_ENDPOINT,
@@ -22,6 +21,7 @@ from healdust_protocol.client import (
     JobCancelled,
     RemoteError,
 )
+from healdust_protocol.keys import endpoint_kind
 
 SETTINGS_FILE = "healdust-settings.json"
 # How long to wait for a daemon the plug-in started (importing torch alone takes a while).
@@ -69,10 +69,7 @@ def resolve_home(settings: dict) -> str | None:
 
 def is_local(endpoint: str) -> bool:
     """Whether a daemon for ``endpoint`` can be started on this machine."""
-    if endpoint.startswith("ipc://"):
-        return True
-    host = urlsplit(endpoint).hostname or ""
-    return host in ("127.0.0.1", "localhost", "::1", "[::1]") or host.startswith("127.")
+    return endpoint_kind(endpoint) != "network"
 
 
 def _hello(endpoint: str, timeout: float, home: str | None) -> dict | None:

@@ -175,7 +175,10 @@ class Client:
             elif event == zmq.EVENT_DISCONNECTED and self._shook:
                 self._shook = False
                 self._lost = self._lost or bool(self._open)
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL) or (
+                    event == zmq.EVENT_DISCONNECTED and self._keys_pending):
+                # without keys, a drop before any handshake succeeded is the daemon refusing us;
+                # libzmq reports the mechanism mismatch on one side or the other, not always ours
                 if self._load_pending_keys():
                     return  # reconnected with the keys the new daemon made; callers resend
                 raise RemoteError("denied", f"the healdust daemon at {self.endpoint} refused this client"

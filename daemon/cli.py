@@ -497,7 +497,7 @@ def cmd_train_base(args) -> int:
 
     cfg = PretrainConfig(steps=args.steps, batch=args.batch, crop=args.crop, seed=args.seed, lr=args.lr,
                          eval_crops=args.eval_crops, checkpoint_every=args.checkpoint_every,
-                         stop_after=args.stop_after)
+                         stop_after=args.stop_after, init=args.init)
     bar = tqdm(total=cfg.steps, desc="pretraining", unit="step", file=sys.stderr)
 
     def progress(step, total, loss):
@@ -608,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=2e-3)
     sp.add_argument("--seed", type=int, default=1234)
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--init", help="start from these weights (train in stages) instead of at random")
     sp.add_argument("--eval-crops", type=int, default=96, help="held-out crops per damage kind for the card")
     sp.add_argument("--checkpoint-every", type=int, default=100)
     sp.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)

@@ -54,6 +54,13 @@ RING_SIGMA = 1.5
 # Unmixing a partly transparent speck: the picture read through it is trusted by
 # (1 − α)² / ((1 − α)² + UNMIX_K), the fill by the rest.
 UNMIX_K = 0.1
+# A pixel is unmixed only where the mixing model explains it: what is left of its move
+# away from the fill, once the move towards the tone is taken out, must stay within
+# UNMIX_RESID of the whole move (in squared length) or within UNMIX_NOISE × the grain's
+# RMS (at least UNMIX_NOISE_MIN) of it.
+UNMIX_RESID = 0.25
+UNMIX_NOISE = 3.0
+UNMIX_NOISE_MIN = 0.004
 
 
 def search_radius(bbox_h: int, bbox_w: int) -> int:
@@ -281,6 +288,14 @@ def unmix_speck(seen: np.ndarray, fill: np.ndarray, grain: np.ndarray | None = N
     picture = (seen - alpha * tone) / np.maximum(1.0 - alpha, 1e-3)
     keep = (1.0 - alpha) ** 2
     w = keep / (keep + UNMIX_K)
+    # A pixel the mixing model does not explain (it did not move from the fill towards
+    # the tone: a hair crossing darker ground than where its tone was read, a tone too
+    # close to the fill to tell α) is not unmixed: the fill is the better guess there.
+    resid = dev - alpha * d
+    noise = float(np.sqrt(np.mean(grain * grain))) if grain is not None and grain.size else 0.0
+    floor = (UNMIX_NOISE * max(noise, UNMIX_NOISE_MIN)) ** 2 * seen.shape[1]
+    q = (resid * resid).sum(1) / np.maximum(UNMIX_RESID * (dev * dev).sum(1), floor)
+    w = w * np.clip(2.0 - q, 0.0, 1.0)[:, None]
     return (w * picture + (1.0 - w) * grainy).astype(np.float32)
 
 

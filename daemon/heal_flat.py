@@ -60,6 +60,21 @@ MAX_TINT = 0.3
 CHROMA_RIDGE = 0.0001
 # Added to the luminance before taking logs: keeps near-black pixels from dominating.
 LOG_EPS = 0.02
+# A spot whose raw inside is at least this busy relative to a ring busier than
+# SEE_THROUGH_BUSY (high-pass RMS) shows the picture through it: never painted over.
+SEE_THROUGH_RATIO = 0.6
+SEE_THROUGH_BUSY = 0.01
+# ...measured on this band of detail (difference of Gaussian blurs, sigmas in px).
+SEE_THROUGH_BAND = (1.0, 2.5)
+# ...and only for spots whose median inside, over the median around, lies in this range:
+# wide, because a busy picture moves medians a lot (sensor dust measured 0.41–2.3).
+# Dark dirt stamps with a texture of their own measured below 0.36; bright ones up to 7,
+# but those are ruled out as brighter before (0 of 212 opaque specks with heavy grain
+# on top passed as see-through).
+SEE_THROUGH_LEVELS = (0.4, 2.5)
+# ...and the most light given back to such a spot: on a busy picture the shadow fits
+# measured two to three times the true shadow.
+SEE_THROUGH_CAP = 0.1
 # Raw-data checks before the fit: the bright end (percentile) of the pixels just around a
 # spot, which a shadowed spot's median cannot exceed...
 NEAR_PERCENTILE = 90
@@ -74,6 +89,7 @@ class ShadowFit:
     resid_in: float           # RMS of the fit's residual on the spot (log units)
     resid_out: float          # ...and on the ring around it
     tint: float = 0.0         # share of the spot whose colour is not found in the ring
+    depth: np.ndarray | None = None  # HxW: the shadow as fitted, on log(L + LOG_EPS)
 
 
 def elongation(region: np.ndarray) -> float:
@@ -231,6 +247,7 @@ def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
             resid = target - poly @ pcoef - depth * _plateau_shape(dd, edge, width)
             coef = np.concatenate([pcoef, coef[npoly:]])
     raw = 1.0 - np.exp(log_t)
+    depth = np.clip(raw, 0.0, 0.95).astype(np.float32)
     # the fit saw log(L + eps): a shadow a dims that by a·L/(L + eps), so scale it back
     lum_bg = np.exp(poly @ coef[:npoly] + colour_part)
     scale = np.ones((H, W))
@@ -241,7 +258,22 @@ def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
     in_spot = region[use]
     ring = ~in_spot & (dd >= reach)
     return ShadowFit(att, float(raw[region].mean()), float(np.sqrt(np.mean(resid[in_spot] ** 2))),
-                     float(np.sqrt(np.mean(resid[ring] ** 2))), tint)
+                     float(np.sqrt(np.mean(resid[ring] ** 2))), tint, depth)
+
+
+def divide_out(win: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """The window with a fitted shadow removed, pixel by pixel.
+
+    The fit modelled ``log(L + LOG_EPS) = log(T + LOG_EPS) + log(1 - depth)``; solved
+    for each pixel's own luminance L this gives the light it lost. (Scaling the depth
+    by the fitted smooth background instead over-corrects wherever a busy picture is
+    brighter than that background: a white patch of sky in dark leaves.)
+    """
+    pix = np.maximum(win, 0.0)
+    lum = pix.mean(2, keepdims=True)
+    keep = (1.0 - depth)[..., None]
+    colour = np.where(lum > 1e-6, pix / np.maximum(lum, 1e-6), 1.0)
+    return ((win + LOG_EPS * (1.0 - keep) * colour) / keep).astype(np.float32)
 
 
 def _chroma(pix: np.ndarray, lum: np.ndarray) -> np.ndarray:
@@ -363,6 +395,7 @@ class ShadowVerdict:
     fixed: np.ndarray | None  # the window with the shadow divided out (None: ruled out)
     confidence: float         # 1: surely a shadow, 0: surely opaque
     reason: str               # the weakest piece of evidence, for logs and tests
+    attenuation: np.ndarray | None = None  # the fit's, when there was one
 
 
 def shadow_repair(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
@@ -410,6 +443,16 @@ def shadow_verdict(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) ->
         second = _judge(win, region, fit_radial_shadow(win, all_mask, region, diffuse=True, geo=geo))
         if second.confidence > verdict.confidence:
             verdict = second
+    if see_through(win, all_mask, region):
+        # the picture shows through as busy as around it: no opaque speck, whatever the
+        # fits say, and painting over it would lose far more than a faint shadow left.
+        # The fits cannot be trusted on such a picture either (they measured two to
+        # three times the true shadow), so at most SEE_THROUGH_CAP of the light is
+        # given back
+        att = np.zeros(region.shape, np.float32)
+        if verdict.attenuation is not None:
+            att = np.clip(verdict.attenuation, 0.0, SEE_THROUGH_CAP)
+        return ShadowVerdict(win / (1.0 - att)[..., None], 1.0, "see-through", att)
     return verdict
 
 
@@ -463,7 +506,7 @@ def _judge(win: np.ndarray, region: np.ndarray, fit: ShadowFit | None) -> Shadow
     }
     fixed = None
     if min(evidence.values()) > 0:  # else ruled out already: the texture need not be measured
-        fixed = win / (1.0 - fit.attenuation)[..., None]
+        fixed = divide_out(win, fit.depth) if fit.depth is not None else win / (1.0 - fit.attenuation)[..., None]
         # once divided out, a shadow leaves the picture as busy as around it; a speck
         # leaves a flat patch (ratio near 0) or its own sharp outline (ratio well above 1)
         texture = texture_ratio(win, fixed, region)
@@ -473,7 +516,7 @@ def _judge(win: np.ndarray, region: np.ndarray, fit: ShadowFit | None) -> Shadow
     reason = min(evidence, key=evidence.get)
     confidence = evidence[reason]
     return ShadowVerdict(fixed if confidence > 0 else None, confidence,
-                         "shadow" if confidence >= 1 else reason)
+                         "shadow" if confidence >= 1 else reason, fit.attenuation)
 
 
 def solidity(region: np.ndarray) -> float:
@@ -482,6 +525,34 @@ def solidity(region: np.ndarray) -> float:
     hull = cv2.convexHull(np.concatenate(cnts))
     area = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
     return float(region.sum() / area)
+
+
+def see_through(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) -> bool:
+    """Does the raw picture inside ``region`` carry the texture of the busy ring around it?
+
+    An opaque speck hides what lies under it: inside it only its own flat tone shows. A
+    shadow keeps the picture. Judged only where the ring is busy (well above grain), so
+    a flat speck with noise on top on a smooth sky never passes.
+    """
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (15, 15))
+    ring = cv2.dilate(region.astype(np.uint8), k).astype(bool) & ~all_mask
+    k7 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+    inner = cv2.erode(region.astype(np.uint8), k7).astype(bool)
+    if ring.sum() < 16 or inner.sum() < 16:
+        return False
+    # a band above the grain: film grain and sensor noise on top of a speck are finer
+    lum = np.maximum(win, 0.0).mean(2)
+    # and faint: a speck that hides much of the light is no shadow whatever its texture
+    # (a dirt stamp has a texture of its own)
+    ratio = float(np.median(lum[inner])) / max(float(np.median(lum[ring])), 1e-6)
+    if not SEE_THROUGH_LEVELS[0] <= ratio <= SEE_THROUGH_LEVELS[1]:
+        return False
+    band = (cv2.GaussianBlur(lum, (0, 0), SEE_THROUGH_BAND[0], borderType=cv2.BORDER_REPLICATE)
+            - cv2.GaussianBlur(lum, (0, 0), SEE_THROUGH_BAND[1], borderType=cv2.BORDER_REPLICATE))
+    ring_std = float(band[ring].std())
+    if ring_std < SEE_THROUGH_BUSY:
+        return False
+    return float(band[inner].std()) >= SEE_THROUGH_RATIO * ring_std
 
 
 def texture_ratio(win: np.ndarray, fixed: np.ndarray, region: np.ndarray) -> float:

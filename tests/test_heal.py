@@ -374,3 +374,86 @@ def test_a_bright_speck_is_never_a_shadow() -> None:
     assert heal_flat.raw_verdict(image, mask, mask, geo) == "brighter"
     assert heal_flat.shadow_verdict(image, mask, mask).confidence == 0
     assert psnr_in(heal_image(image, mask), clean, mask) > 32
+
+
+def busy_crops(count: int, size: int, seed: int) -> list[np.ndarray]:
+    """The busiest of a few hundred crops of the sample photo (leaves, branches against
+    the sky): where shadow fits fail and a fill would paint over the picture."""
+    photo = synth.load_photo(sample_path(), 4096).astype(np.float32) / 255
+    rng = np.random.default_rng(seed)
+    cands = []
+    for _ in range(300):
+        y, x = int(rng.integers(0, photo.shape[0] - size)), int(rng.integers(0, photo.shape[1] - size))
+        crop = np.ascontiguousarray(photo[y:y + size, x:x + size])
+        lum = crop.mean(2)
+        band = cv2.GaussianBlur(lum, (0, 0), 1.0) - cv2.GaussianBlur(lum, (0, 0), 2.5)
+        cands.append((float(band.std()), y, x))
+    cands.sort(reverse=True)
+    return [np.ascontiguousarray(photo[y:y + size, x:x + size]) for _, y, x in cands[:count]]
+
+
+def test_a_faint_shadow_on_a_busy_picture_is_not_painted_over() -> None:
+    # Sensor dust taking 3–6 % of the light over leaves and branches: the shadow fits fail
+    # on such a picture (they read it as brighter, or measure three times the shadow),
+    # but the picture shows through as busy as around it, so no fill may replace it and
+    # little light is given back. Before this check the error in the mask was 8 times
+    # that of leaving the spots as they were; now 1.4 times.
+    sq_ours = sq_left = 0.0
+    for i, clean in enumerate(busy_crops(6, 96, seed=11)):
+        field = SensorDustField([SensorSpot(0.5, 0.5, 15.0 + i, 0.05 + 0.006 * i)])
+        dust = field.apply(clean, f_number=5.6)
+        ours = heal_image(dust.image, dust.mask)
+        sq_ours += float(((ours - clean)[dust.mask] ** 2).sum())
+        sq_left += float(((dust.image - clean)[dust.mask] ** 2).sum())
+    assert sq_ours <= 1.8 * sq_left, f"healed error {sq_ours:.3f} vs left as it was {sq_left:.3f}"
+
+
+def test_opaque_dirt_with_a_texture_of_its_own_is_still_filled() -> None:
+    # the other side of the see-through check: dirt stamps whose alpha varies inside, with
+    # heavy grain on top, over busy crops, must not pass as pictures seen through a shadow
+    stamps = synth.StampSet.load(synth.default_stamps_dir()) if synth.default_stamps_dir() else None
+    if stamps is None:
+        pytest.skip("the dust stamps are not beside this checkout")
+    rng = np.random.default_rng(5)
+    judged = 0
+    for clean in busy_crops(12, 128, seed=12):
+        for _ in range(4):
+            kind = ("dirt", "smut", "stain", "spots")[int(rng.integers(4))]
+            _, raw = stamps.pick(rng, kind)
+            a = synth._transform_stamp(raw, float(rng.uniform(14, 40)), rng, False) * float(rng.uniform(0.75, 1.0))
+            alpha = np.zeros(clean.shape[:2], np.float32)
+            synth._paste(alpha, a, 64 - a.shape[0] // 2, 64 - a.shape[1] // 2)
+            tone = rng.uniform(0.0, 0.12, 3) if rng.random() < 0.5 else rng.uniform(0.88, 1.0, 3)
+            image = clean * (1 - alpha[..., None]) + tone.astype(np.float32) * alpha[..., None]
+            image = synth.add_grain(image.astype(np.float32), rng, 0.03).astype(np.float32)
+            mask = alpha > synth.MASK_ALPHA
+            n, labels = cv2.connectedComponents(mask.astype(np.uint8))
+            for j in range(1, n):
+                region = labels == j
+                if region.sum() < 30:
+                    continue
+                judged += 1
+                assert heal_flat.shadow_verdict(image, mask, region).reason != "see-through", (kind, j)
+    assert judged >= 30
+
+
+
+def test_unmixing_leaves_pixels_the_mixing_model_cannot_explain_to_the_fill() -> None:
+    # Numbers from a real failure (a hair running from light grey into a darker band of a
+    # held-out photo): the speck's tone, read where it shows most, is about the dark
+    # band's own grey, so there α cannot be told; those pixels were unmixed anyway and
+    # came out darker than the damaged pixels themselves (0.07 where the truth was 0.34).
+    from healdust.heal_fill import unmix_speck
+
+    rng = np.random.default_rng(0)
+    n = 40
+    fill_a = np.full((n, 3), 0.75, np.float32)
+    seen_a = np.tile(np.float32([0.335, 0.314, 0.367]), (n, 1)) + 0.01 * rng.standard_normal((n, 3)).astype(np.float32)
+    fill_b = np.tile(np.float32([0.34, 0.35, 0.32]), (n, 1))
+    seen_b = np.tile(np.float32([0.166, 0.146, 0.199]), (n, 1)) + 0.01 * rng.standard_normal((n, 3)).astype(np.float32)
+    seen = np.concatenate([seen_a, seen_b])
+    fill = np.concatenate([fill_a, fill_b])
+    grain = 0.005 * rng.standard_normal(fill.shape).astype(np.float32)
+    out = unmix_speck(seen, fill, grain)
+    assert np.abs(out[n:] - fill_b).max() < 0.05, out[n:].mean(0)
+

@@ -198,3 +198,12 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert meta["heldout"]["photos"] == ["h.png"] and "h.png" not in meta["train"]["photos"]
     assert (tmp_path / "a.md").read_text().startswith("# Model card")
+    # a second stage starts from the first one's weights and says so in its card
+    r = run(tmp_path / "c.safetensors", "--init", tmp_path / "a.safetensors", "--seed", "7", "--lr", "0.0005")
+    assert "starting from" in r.stderr
+    c, meta_c = load_weights(tmp_path / "c.safetensors")
+    assert meta_c["train"]["init"] == meta["id"]
+    assert [s["seed"] for s in meta_c["train"]["stages"]] == [1234, 7]
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    card = (tmp_path / "c.md").read_text()
+    assert "--init STAGE1.safetensors" in card and "--seed 7" in card

@@ -23,7 +23,7 @@ from .. import synth
 from ..metrics import empty_scores, score_masks
 from .losses import dust_loss
 from .unet import DustUNet, UNetConfig, parameter_count
-from .weights_io import save_weights
+from .weights_io import load_weights, save_weights
 
 
 @dataclass
@@ -37,6 +37,7 @@ class PretrainConfig:
     eval_crops: int = 96
     checkpoint_every: int = 100
     stop_after: int | None = None  # stop (checkpointed) after this many steps; for tests of resuming
+    init: str | None = None  # weights to start from (a longer run in stages); None: random
     heldout: list[str] = field(default_factory=list)
 
 
@@ -99,7 +100,16 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     stamps_dir = stamps_dir or synth.default_stamps_dir()
     stamps = synth.StampSet.load(stamps_dir) if stamps_dir else None
 
-    model = DustUNet(UNetConfig(widths=tuple(cfg.widths))).to(dev)
+    init_meta = None
+    if cfg.init:
+        tensors, init_meta = load_weights(cfg.init)
+        widths = tuple(init_meta.get("config", {}).get("widths", cfg.widths))
+        model = DustUNet(UNetConfig(widths=widths))
+        model.load_state_dict(tensors)
+        model = model.to(dev)
+        log(f"starting from {cfg.init} ({init_meta.get('id', '?')})")
+    else:
+        model = DustUNet(UNetConfig(widths=tuple(cfg.widths))).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
@@ -143,13 +153,21 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     eval_photos = [synth.load_photo(p) for p in eval_paths] if eval_paths else photos
     metrics = evaluate(model, eval_photos, stamps, cfg.eval_crops, cfg.seed, dev)
     base_id = f"healdust-base-{time.strftime('%Y%m%d')}-s{cfg.seed}-{cfg.steps}"
+    stages = []
+    if init_meta is not None:
+        stages = list(init_meta.get("train", {}).get("stages", [])) or [
+            {k: init_meta.get("train", {}).get(k) for k in ("steps", "batch", "crop", "lr", "seed", "seconds")}]
+        base_id = f"{init_meta.get('id', 'init')}+s{cfg.seed}-{cfg.steps}"
     meta = {
         "kind": "base", "id": base_id, "config": model.cfg.to_dict(),
         "train": {"steps": cfg.steps, "batch": cfg.batch, "crop": cfg.crop, "lr": cfg.lr,
                   "seed": cfg.seed, "seconds": round(train_s, 1), "device": str(dev),
                   "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
                   "photos": [p.name for p in train_paths],
-                  "stamps": str(stamps_dir) if stamps_dir else None},
+                  "stamps": str(stamps_dir) if stamps_dir else None,
+                  "init": init_meta.get("id") if init_meta is not None else None,
+                  "stages": stages + [{"steps": cfg.steps, "batch": cfg.batch, "crop": cfg.crop,
+                                       "lr": cfg.lr, "seed": cfg.seed, "seconds": round(train_s, 1)}]},
         "heldout": {"photos": [p.name for p in eval_paths], "metrics": metrics},
         "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)],
     }
@@ -166,6 +184,19 @@ def model_card(meta: dict, params: int) -> str:
         f"| {k} | {v['spot_precision']:.3f} | {v['spot_recall']:.3f} | {v['spot_f1']:.3f} | "
         f"{v['pixel_precision']:.3f} | {v['pixel_recall']:.3f} | {v['pixel_f1']:.3f} |"
         for k, v in m.items())
+    stages = t.get("stages") or [{k: t[k] for k in ("steps", "batch", "crop", "lr", "seed", "seconds")}]
+    training = "\n".join(
+        f"{i}. {st['steps']} steps × {st['batch']} crops of {st['crop']}², AdamW lr {st['lr']}, "
+        f"cosine, seed {st['seed']}{', starting from stage ' + str(i - 1) if i > 1 else ''}; "
+        f"{(st.get('seconds') or 0) / 60:.1f} min"
+        for i, st in enumerate(stages, 1))
+    rebuild = []
+    for i, st in enumerate(stages, 1):
+        cmd = (f"healdust train-base --photos DIR --out STAGE{i}.safetensors --steps {st['steps']} "
+               f"--seed {st['seed']} --lr {st['lr']}")
+        if i > 1:
+            cmd += f" --init STAGE{i - 1}.safetensors"
+        rebuild.append(f"    {cmd}")
     return f"""# Model card: {meta['id']}
 
 U-Net, widths {meta['config']['widths']}, {params:,} parameters; input RGB in [0, 1],
@@ -178,14 +209,16 @@ packages (CC0, CC-BY(-SA), GPL-2+, LGPL-3; see `bench/photos.py`). Held out and 
 trained on: {', '.join(meta['heldout']['photos']) or 'none'}.
 
 ## Training
-{t['steps']} steps × {t['batch']} crops of {t['crop']}², AdamW lr {t['lr']}, cosine, seed {t['seed']};
-{t['seconds'] / 60:.1f} min on {t['device']} ({t['machine']}).
+{training}
+
+The last stage ran on {t['device']} ({t['machine']}).
 
 ## Held-out metrics (threshold 0.5, no markers)
 | damage | spot P | spot R | spot F1 | pixel P | pixel R | pixel F1 |
 |---|---|---|---|---|---|---|
 {rows}
 
-Rebuild: `healdust train-base --photos DIR --out FILE --steps {t['steps']} --seed {t['seed']}`
-with DIR made by `python bench/photos.py DIR`.
+Rebuild, with DIR made by `python bench/photos.py DIR`:
+
+{chr(10).join(rebuild)}
 """

@@ -61,17 +61,28 @@ CHROMA_RIDGE = 0.0001
 # Added to the luminance before taking logs: keeps near-black pixels from dominating.
 LOG_EPS = 0.02
 # A spot whose raw inside is at least this busy relative to a ring busier than
-# SEE_THROUGH_BUSY (high-pass RMS) shows the picture through it: never painted over.
+# SEE_THROUGH_BUSY (RMS of the band below) shows the picture through it: never painted
+# over, whatever the fits say.
 SEE_THROUGH_RATIO = 0.6
 SEE_THROUGH_BUSY = 0.01
 # ...measured on this band of detail (difference of Gaussian blurs, sigmas in px).
 SEE_THROUGH_BAND = (1.0, 2.5)
 # ...and only for spots whose median inside, over the median around, lies in this range:
-# wide, because a busy picture moves medians a lot (sensor dust measured 0.41–2.3).
-# Dark dirt stamps with a texture of their own measured below 0.36; bright ones up to 7,
-# but those are ruled out as brighter before (0 of 212 opaque specks with heavy grain
-# on top passed as see-through).
-SEE_THROUGH_LEVELS = (0.4, 2.5)
+# wide, because a busy picture moves medians a lot (sensor dust measured 0.41–2.3), but
+# not below 1 − MAX_ATTENUATION: dark specks inside a generous hand-painted mask
+# measured 0.42–0.44. Bright specks are ruled out as brighter before (0 of 212 opaque
+# specks with heavy grain on top passed as see-through).
+SEE_THROUGH_LEVELS = (0.5, 2.5)
+# ...and whose darkest pixels (2nd percentile) keep this share of the ring's darkest,
+# brightest (98th) stay below this multiple of the ring's brightest: a speck inside a
+# generous hand-painted mask, whose inside is then mostly clean picture, shows there.
+# (Insurance, for grey images above all, where colour cannot tell: it costs about
+# 1 dB of the healing bench's +10 dB on sensor dust.)
+SEE_THROUGH_EXTREMES = (0.4, 1.2)
+# ...and whose colours are nearly all found around it (a shadow is neutral; a coloured
+# speck in a generous mask, the rest of it clean picture, measured 0.31, sensor dust
+# at most 0.22 on busy pictures): the share of foreign colour, as ``MAX_TINT``.
+SEE_THROUGH_MAX_TINT = 0.25
 # ...and the most light given back to such a spot: on a busy picture the shadow fits
 # measured two to three times the true shadow.
 SEE_THROUGH_CAP = 0.1
@@ -443,7 +454,8 @@ def shadow_verdict(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) ->
         second = _judge(win, region, fit_radial_shadow(win, all_mask, region, diffuse=True, geo=geo))
         if second.confidence > verdict.confidence:
             verdict = second
-    if see_through(win, all_mask, region):
+    neutral = geo.tint is None or geo.tint <= SEE_THROUGH_MAX_TINT
+    if neutral and see_through(win, all_mask, region):
         # the picture shows through as busy as around it: no opaque speck, whatever the
         # fits say, and painting over it would lose far more than a faint shadow left.
         # The fits cannot be trusted on such a picture either (they measured two to
@@ -546,6 +558,11 @@ def see_through(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) -> bo
     # (a dirt stamp has a texture of its own)
     ratio = float(np.median(lum[inner])) / max(float(np.median(lum[ring])), 1e-6)
     if not SEE_THROUGH_LEVELS[0] <= ratio <= SEE_THROUGH_LEVELS[1]:
+        return False
+    # and no part of the spot far darker or brighter than anything around
+    lo_spot, hi_spot = np.percentile(lum[region], [2, 98])
+    lo_ring, hi_ring = np.percentile(lum[ring], [2, 98])
+    if lo_spot < SEE_THROUGH_EXTREMES[0] * lo_ring or hi_spot > SEE_THROUGH_EXTREMES[1] * hi_ring:
         return False
     band = (cv2.GaussianBlur(lum, (0, 0), SEE_THROUGH_BAND[0], borderType=cv2.BORDER_REPLICATE)
             - cv2.GaussianBlur(lum, (0, 0), SEE_THROUGH_BAND[1], borderType=cv2.BORDER_REPLICATE))

@@ -100,7 +100,6 @@ class ShadowFit:
     resid_in: float           # RMS of the fit's residual on the spot (log units)
     resid_out: float          # ...and on the ring around it
     tint: float = 0.0         # share of the spot whose colour is not found in the ring
-    depth: np.ndarray | None = None  # HxW: the shadow as fitted, on log(L + LOG_EPS)
 
 
 def elongation(region: np.ndarray) -> float:
@@ -258,7 +257,6 @@ def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
             resid = target - poly @ pcoef - depth * _plateau_shape(dd, edge, width)
             coef = np.concatenate([pcoef, coef[npoly:]])
     raw = 1.0 - np.exp(log_t)
-    depth = np.clip(raw, 0.0, 0.95).astype(np.float32)
     # the fit saw log(L + eps): a shadow a dims that by a·L/(L + eps), so scale it back
     lum_bg = np.exp(poly @ coef[:npoly] + colour_part)
     scale = np.ones((H, W))
@@ -269,22 +267,7 @@ def fit_radial_shadow(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray,
     in_spot = region[use]
     ring = ~in_spot & (dd >= reach)
     return ShadowFit(att, float(raw[region].mean()), float(np.sqrt(np.mean(resid[in_spot] ** 2))),
-                     float(np.sqrt(np.mean(resid[ring] ** 2))), tint, depth)
-
-
-def divide_out(win: np.ndarray, depth: np.ndarray) -> np.ndarray:
-    """The window with a fitted shadow removed, pixel by pixel.
-
-    The fit modelled ``log(L + LOG_EPS) = log(T + LOG_EPS) + log(1 - depth)``; solved
-    for each pixel's own luminance L this gives the light it lost. (Scaling the depth
-    by the fitted smooth background instead over-corrects wherever a busy picture is
-    brighter than that background: a white patch of sky in dark leaves.)
-    """
-    pix = np.maximum(win, 0.0)
-    lum = pix.mean(2, keepdims=True)
-    keep = (1.0 - depth)[..., None]
-    colour = np.where(lum > 1e-6, pix / np.maximum(lum, 1e-6), 1.0)
-    return ((win + LOG_EPS * (1.0 - keep) * colour) / keep).astype(np.float32)
+                     float(np.sqrt(np.mean(resid[ring] ** 2))), tint)
 
 
 def _chroma(pix: np.ndarray, lum: np.ndarray) -> np.ndarray:
@@ -518,7 +501,7 @@ def _judge(win: np.ndarray, region: np.ndarray, fit: ShadowFit | None) -> Shadow
     }
     fixed = None
     if min(evidence.values()) > 0:  # else ruled out already: the texture need not be measured
-        fixed = divide_out(win, fit.depth) if fit.depth is not None else win / (1.0 - fit.attenuation)[..., None]
+        fixed = win / (1.0 - fit.attenuation)[..., None]
         # once divided out, a shadow leaves the picture as busy as around it; a speck
         # leaves a flat patch (ratio near 0) or its own sharp outline (ratio well above 1)
         texture = texture_ratio(win, fixed, region)

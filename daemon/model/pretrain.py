@@ -155,8 +155,7 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     base_id = f"healdust-base-{time.strftime('%Y%m%d')}-s{cfg.seed}-{cfg.steps}"
     stages = []
     if init_meta is not None:
-        stages = list(init_meta.get("train", {}).get("stages", [])) or [
-            {k: init_meta.get("train", {}).get(k) for k in ("steps", "batch", "crop", "lr", "seed", "seconds")}]
+        stages = training_stages(init_meta.get("train", {}))
         base_id = f"{init_meta.get('id', 'init')}+s{cfg.seed}-{cfg.steps}"
     meta = {
         "kind": "base", "id": base_id, "config": model.cfg.to_dict(),
@@ -177,6 +176,13 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     return meta
 
 
+def training_stages(train: dict) -> list[dict]:
+    """The stages a model card's ``train`` record lists; a card written before stages
+    existed describes its one run in the record itself."""
+    return list(train.get("stages") or []) or [
+        {k: train.get(k) for k in ("steps", "batch", "crop", "lr", "seed", "seconds")}]
+
+
 def model_card(meta: dict, params: int) -> str:
     t = meta["train"]
     m = meta["heldout"]["metrics"]
@@ -184,7 +190,7 @@ def model_card(meta: dict, params: int) -> str:
         f"| {k} | {v['spot_precision']:.3f} | {v['spot_recall']:.3f} | {v['spot_f1']:.3f} | "
         f"{v['pixel_precision']:.3f} | {v['pixel_recall']:.3f} | {v['pixel_f1']:.3f} |"
         for k, v in m.items())
-    stages = t.get("stages") or [{k: t[k] for k in ("steps", "batch", "crop", "lr", "seed", "seconds")}]
+    stages = training_stages(t)
     training = "\n".join(
         f"{i}. {st['steps']} steps × {st['batch']} crops of {st['crop']}², AdamW lr {st['lr']}, "
         f"cosine, seed {st['seed']}{', starting from stage ' + str(i - 1) if i > 1 else ''}; "

@@ -527,7 +527,8 @@ def see_through(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) -> bo
 
     An opaque speck hides what lies under it: inside it only its own flat tone shows. A
     shadow keeps the picture. Judged only where the ring is busy (well above grain), so
-    a flat speck with noise on top on a smooth sky never passes.
+    a flat speck with noise on top on a smooth sky never passes, and only for spots that
+    keep most of their light and hold no pixel far darker or brighter than around them.
     """
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (15, 15))
     ring = cv2.dilate(region.astype(np.uint8), k).astype(bool) & ~all_mask
@@ -535,9 +536,8 @@ def see_through(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) -> bo
     inner = cv2.erode(region.astype(np.uint8), k7).astype(bool)
     if ring.sum() < 16 or inner.sum() < 16:
         return False
-    # a band above the grain: film grain and sensor noise on top of a speck are finer
     lum = np.maximum(win, 0.0).mean(2)
-    # and faint: a speck that hides much of the light is no shadow whatever its texture
+    # faint: a speck that hides much of the light is no shadow whatever its texture
     # (a dirt stamp has a texture of its own)
     ratio = float(np.median(lum[inner])) / max(float(np.median(lum[ring])), 1e-6)
     if not SEE_THROUGH_LEVELS[0] <= ratio <= SEE_THROUGH_LEVELS[1]:
@@ -547,6 +547,7 @@ def see_through(win: np.ndarray, all_mask: np.ndarray, region: np.ndarray) -> bo
     lo_ring, hi_ring = np.percentile(lum[ring], [2, 98])
     if lo_spot < SEE_THROUGH_EXTREMES[0] * lo_ring or hi_spot > SEE_THROUGH_EXTREMES[1] * hi_ring:
         return False
+    # busy, in a band above the grain: film grain and sensor noise on a speck are finer
     band = (cv2.GaussianBlur(lum, (0, 0), SEE_THROUGH_BAND[0], borderType=cv2.BORDER_REPLICATE)
             - cv2.GaussianBlur(lum, (0, 0), SEE_THROUGH_BAND[1], borderType=cv2.BORDER_REPLICATE))
     ring_std = float(band[ring].std())

@@ -455,8 +455,52 @@ def test_unmixing_leaves_pixels_the_mixing_model_cannot_explain_to_the_fill() ->
     fill = np.concatenate([fill_a, fill_b])
     grain = 0.005 * rng.standard_normal(fill.shape).astype(np.float32)
     out = unmix_speck(seen, fill, grain)
-    assert np.abs(out[n:] - fill_b).max() < 0.05, out[n:].mean(0)
+    # Since the tone is stretched (speck_tone) those pixels fit the model again, at α ≈ 0.8
+    # of a darker tone, and are partly unmixed: RMS error 0.017 instead of 0.005, which the
+    # +0.2 dB the stretch brings over bench/healing.py's film damage pays for.
+    err = np.abs(out[n:] - fill_b)
+    assert err.max() < 0.08 and float(np.sqrt(np.mean(err ** 2))) < 0.03, out[n:].mean(0)
 
+
+
+def test_speck_tone_is_stretched_away_from_the_picture_but_not_past_the_limits() -> None:
+    from healdust.heal_fill import TONE_BRIGHT, TONE_DARK, TONE_STRETCH, speck_tone
+
+    fill = np.full((20, 3), 0.6, np.float32)
+    # a core seen at 0.4 over a 0.6 picture: stretched by TONE_STRETCH towards black
+    tone = speck_tone(np.full((20, 3), 0.4, np.float32), fill)
+    assert np.allclose(tone, 0.6 - TONE_STRETCH * 0.2, atol=1e-5)
+    # nearly dark enough already: stops at TONE_DARK
+    tone = speck_tone(np.full((20, 3), TONE_DARK + 0.02, np.float32), fill)
+    assert abs(float(tone.mean()) - TONE_DARK) < 1e-5
+    # darker than TONE_DARK: left as read; the same for bright specks
+    assert np.allclose(speck_tone(np.full((20, 3), 0.05, np.float32), fill), 0.05)
+    tone = speck_tone(np.full((20, 3), TONE_BRIGHT - 0.02, np.float32), fill)
+    assert abs(float(tone.mean()) - TONE_BRIGHT) < 1e-5
+    assert np.allclose(speck_tone(np.full((20, 3), 0.97, np.float32), fill), 0.97)
+
+
+def test_unmixing_a_soft_speck_that_is_not_fully_opaque(monkeypatch) -> None:
+    # A black speck at most 80 % opaque with a soft edge over a textured picture: with the
+    # tone read from its core as it is (grey, not black), every α comes out too high and
+    # less of the picture is recovered than with the stretched tone (about 7 % less error
+    # here; 0.2 dB over the whole of bench/healing.py's film damage).
+    import healdust.heal_fill as heal_fill
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[-12:13, -12:13]
+    alpha = 0.8 * np.clip((7.0 - np.hypot(yy, xx)) / 4.0, 0.0, 1.0)
+    sel = alpha > 0.25
+    picture = 0.55 + 0.05 * rng.standard_normal(alpha.shape + (3,)).astype(np.float32)
+    picture = cv2.GaussianBlur(picture, (0, 0), 1.0)
+    seen = picture * (1 - alpha[..., None]) + 0.02 * alpha[..., None]
+    fill = np.full_like(picture, 0.55)
+    errors = {}
+    for stretch in (1.0, heal_fill.TONE_STRETCH):
+        monkeypatch.setattr(heal_fill, "TONE_STRETCH", stretch)
+        out = heal_fill.unmix_speck(seen[sel].astype(np.float32), fill[sel])
+        errors[stretch] = float(np.mean((out - picture[sel]) ** 2))
+    assert errors[heal_fill.TONE_STRETCH] < 0.97 * errors[1.0], errors
 
 
 def test_a_speck_inside_a_generous_mask_is_not_taken_for_see_through() -> None:

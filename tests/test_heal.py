@@ -157,6 +157,45 @@ def test_cancel_propagates() -> None:
         heal_image(textured(128, 128), specks_mask(128, 128, count=20), check_cancel=cancel)
 
 
+
+def test_the_same_pixels_on_any_number_of_threads() -> None:
+    from healdust.heal import heal_into
+
+    img = textured(320, 300, seed=5)
+    mask = specks_mask(320, 300, count=30) | hair_mask(320, 300)
+    mask[200:206, 10:290] = True     # longer than one repair chunk: several pieces
+    dusty, dust = sensor_dust(img)
+    mask |= dust
+    image16 = np.round(np.clip(dusty, 0, 1) * 65535).astype(np.uint16)
+    outs = []
+    for workers in (1, 2, 3):
+        out = image16.copy()
+        heal_into(image16, mask, out, workers=workers)
+        outs.append(out)
+    assert not np.array_equal(outs[0], image16)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_an_error_in_a_worker_stops_the_heal_and_leaves_no_thread(monkeypatch) -> None:
+    import threading
+
+    import healdust.heal as heal
+
+    real = heal._heal_piece
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise MemoryError("no room for this piece")
+        return real(*args)
+
+    monkeypatch.setattr(heal, "_heal_piece", failing)
+    img = textured(128, 128)
+    with pytest.raises(MemoryError, match="no room"):
+        heal.heal_into(img, specks_mask(128, 128, count=40), img.copy(), workers=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("healdust-heal")]
+
 def test_progress_runs_from_zero_to_one() -> None:
     seen: list[float] = []
     heal_image(textured(128, 128), specks_mask(128, 128, count=20), progress=seen.append)

@@ -24,7 +24,7 @@ import torch
 from healdust import synth
 from healdust.metrics import empty_scores, score_masks
 from healdust.model.finetune import FineTuneConfig, fine_tune
-from healdust.model.infer import predict_proba
+from healdust.model.infer import predict_proba, use_bf16
 from healdust.pipeline import decide_mask
 from healdust.store import load_base_model
 
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--plot", default="bench/out/loss_curves.png")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="detection arithmetic (healdust serve --precision); fine-tuning is fp32")
     ap.add_argument("--scratch-steps", type=int, default=FineTuneConfig.steps_scratch)
     args = ap.parse_args(argv)
 
@@ -77,14 +79,14 @@ def main(argv=None) -> int:
         cases = [make_case(photos[i % len(photos)], kind, rng, args.size, stamps) for i in range(args.images)]
         scores = {("base", 0): empty_scores()}
         for img, truth in cases:
-            prob = predict_proba(base, img, "RGB", device)
+            prob = predict_proba(base, img, "RGB", device, precision=args.precision)
             mask, _ = decide_mask(prob, 0.5)
             scores[("base", 0)] = scores[("base", 0)].add(score_masks(mask, truth))
             for n in MARKER_COUNTS:
                 dust = pick_markers(truth, n, rng)
                 for mode in ("transfer", "scratch"):
                     res = fine_tune(base, img, "RGB", dust, mode=mode, device=device, cfg=cfg)
-                    prob = predict_proba(res.model, img, "RGB", device)
+                    prob = predict_proba(res.model, img, "RGB", device, precision=args.precision)
                     mask, _ = decide_mask(prob, res.threshold, img, "RGB", dust)  # as the daemon does
                     key = (mode, n)
                     scores[key] = scores.get(key, empty_scores()).add(score_masks(mask, truth))
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
 
     print(f"\nDetection on {args.images} held-out {args.size}x{args.size} crops per kind "
           f"({', '.join(p.name for p in synth.list_photos(args.photos))}); base model {meta['id']}; "
-          f"{platform.machine()}, {torch.get_num_threads()} threads, {device}; "
+          f"{platform.machine()}, {torch.get_num_threads()} threads, {device}, "
+          f"{'bf16' if use_bf16(device, args.precision) else 'fp32'} detection; "
           f"fine-tune at most {cfg.steps_transfer} steps (transfer) / {cfg.steps_scratch} (scratch)\n")
     print("| damage | model | markers | spot P | spot R | spot F1 | pixel P | pixel R | pixel F1 |")
     print("|---|---|---|---|---|---|---|---|---|")

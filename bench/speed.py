@@ -27,6 +27,7 @@ import torch
 from healdust import synth
 from healdust.demo import sample_path
 from healdust.model.finetune import fine_tune
+from healdust.model.infer import use_bf16
 from healdust.pipeline import JobSpec, Pipeline
 from healdust.protocol import ImageDesc
 from healdust.protocol.client import Client
@@ -128,8 +129,9 @@ def main(argv=None) -> int:
     ft = fine_tune(pipe.base, img, "RGB", dust, device=pipe.device)
 
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    arith = "bf16" if use_bf16(pipe.device, args.precision) else "fp32"
     print(f"\nSpeed on {cpu_name()} ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}, "
-          f"{where}, precision {args.precision}; base model, no markers\n")
+          f"{where}, precision {args.precision} ({arith}); base model, no markers\n")
     print("| image | depth | MP | detect s/MP | heal s/MP | in-process s | via daemon s | daemon overhead "
           "| daemon peak RSS MB |" + (" peak GPU MB (in-process) |" if cuda else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))

@@ -8,6 +8,7 @@ unavoidable ones (the healed copy, the mask) must not grow with the image.
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -133,6 +134,41 @@ def test_detect_mask_equals_the_whole_map_pipeline(base):
         assert abs(t - t_ref) < 1e-6 and np.array_equal(mask > 0, ref)
     assert (mask > 0).any()
 
+
+
+def test_auto_precision_is_bf16_on_cuda_and_on_amx_cpus_only(monkeypatch):
+    from healdust.model import infer
+
+    for amx in (False, True):
+        monkeypatch.setattr(infer, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert infer.use_bf16(torch.device("cpu"), "auto") is amx
+        assert infer.use_bf16(torch.device("cuda"), "auto") is True
+        assert infer.use_bf16(torch.device("cpu"), "fp32") is False
+        assert infer.use_bf16(torch.device("cuda"), "fp32") is False
+        assert infer.use_bf16(torch.device("cpu"), "bf16") is True
+    with pytest.raises(ValueError, match="precision must be"):
+        infer.use_bf16(torch.device("cpu"), "fp16")
+
+
+def test_cpu_amx_flag_is_read_from_the_kernel():
+    from healdust.model.infer import cpu_has_amx_bf16
+
+    flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    assert cpu_has_amx_bf16() is (" amx_bf16" in flags)
+
+
+def test_bf16_detection_finds_the_same_dust_as_fp32(base):
+    # bf16 runs on any CPU (emulated where there is no AMX: slow, but the same numbers)
+    _, dusty, truth = dusty_image(256, seed=31, count=16)
+    img = to_u16(dusty)
+    p32 = predict_proba(base, img, "RGB", precision="fp32")
+    p16 = predict_proba(base, img, "RGB", precision="bf16")
+    assert not np.array_equal(p32, p16), "bf16 must really be used"
+    assert float(np.abs(p32 - p16).max()) < 0.3
+    m32, _ = detect_mask(base, img, "RGB", 0.5, precision="fp32")
+    m16, _ = detect_mask(base, img, "RGB", 0.5, precision="bf16")
+    assert np.mean(m32 != m16) < 0.001
+    assert (m32 > 0).any()
 
 def test_detection_memory_does_not_grow_with_the_image():
     """Beyond the mask itself, detection holds one tile's worth of numpy memory, however

@@ -106,8 +106,8 @@ def heal_into(image: np.ndarray, mask: np.ndarray, out: np.ndarray, channels: li
     image: HxWxC in any sample type (uint8, uint16, float16, float32); ``channels`` are
     the colour channels to heal (1 or 3 indices; default all), the others (alpha) are
     neither read nor written. mask: HxW, nonzero on dust. out: like ``image`` (usually a
-    copy of it); only its masked colour pixels are written, in its
-    own sample type. ``components`` are the mask's, when the caller has them already.
+    copy of it); only its masked colour pixels are written, in its own sample type.
+    ``components`` are the mask's, when the caller has them already.
     ``workers``: threads repairing spots (default ``default_workers()``; 1 = this thread
     only). ``progress`` and ``check_cancel`` are only ever called from the calling thread.
 

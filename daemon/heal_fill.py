@@ -296,9 +296,10 @@ def unmix_speck(seen: np.ndarray, fill: np.ndarray, grain: np.ndarray | None = N
     """Recover what shows through a partly transparent speck (n×C pixel lists).
 
     A speck lies over the picture as ``seen = picture·(1 − α) + tone·α``. The tone is
-    read from the speck's core (``speck_tone``), α per pixel from how far each pixel has moved from the
-    fill towards the tone; where α is well below 1 the picture is unmixed, where it is
-    near 1 the fill is kept, blended by how much unmixing would amplify errors.
+    read from the speck's core (``speck_tone``), α per pixel from how far each pixel has
+    moved from the fill towards the tone; where α is well below 1 the picture is
+    unmixed, where it is near 1 the fill is kept, blended by how much unmixing would
+    amplify errors.
 
     ``fill`` is best the structure alone, with the synthetic ``grain`` given apart: α
     is then read against the structure (copied grain is noise to the real picture and

@@ -61,8 +61,9 @@ def use_bf16(device: torch.device, precision: str = "auto") -> bool:
     Measured on a 2-core Intel VM with AMX: detection 0.18 s/MP in bf16 against 0.50 in
     fp32. Single probabilities move by up to ~0.15 and about 0.01 % of pixels flip at the
     threshold, but spot F1 stayed within 0.004 of fp32 on 40 held-out crops per kind
-    (base model) and 10 (5 markers), bench/precision.py. Without AMX bf16 is emulated and slower, so such a
-    CPU stays in fp32; "fp32" asks for it everywhere (bit-for-bit repeatable figures).
+    (base model) and 10 (5 markers), bench/precision.py. Without AMX bf16 is emulated
+    and slower, so such a CPU stays in fp32; "fp32" asks for it everywhere (bit-for-bit
+    repeatable figures).
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")

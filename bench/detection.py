@@ -49,6 +49,15 @@ def pick_markers(mask: np.ndarray, n: int, rng: np.random.Generator) -> list[tup
              float(0.5 * np.hypot(st[i, 2], st[i, 3]) + rng.uniform(3, 8))) for i in chosen]
 
 
+def score_detection(model, img: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
+                    dust: list | None = None, device="cpu", precision: str = "auto"):
+    """Detect on one crop and score the mask as the daemon would decide it (the marked
+    spots join the mask when there are markers). The one place the benches score a crop."""
+    prob = predict_proba(model, img, "RGB", device, precision=precision)
+    mask, _ = decide_mask(prob, threshold, img if dust else None, "RGB", dust)
+    return score_masks(mask, truth)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--photos", default="/work/photoset/heldout", help="held-out clean photos")
@@ -61,10 +70,11 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="detection arithmetic (healdust serve --precision); fine-tuning is fp32")
     ap.add_argument("--scratch-steps", type=int, default=FineTuneConfig.steps_scratch)
+    ap.add_argument("--base", default=None, help="a base model file (default: the shipped one)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    base, meta = load_base_model(device=device)
+    base, meta = load_base_model(args.base, device=device)
     photos = [synth.load_photo(p, 1600) for p in synth.list_photos(args.photos)]
     if not photos:
         print(f"no photos in {args.photos}; run: python bench/photos.py DIR", file=sys.stderr)
@@ -79,17 +89,15 @@ def main(argv=None) -> int:
         cases = [make_case(photos[i % len(photos)], kind, rng, args.size, stamps) for i in range(args.images)]
         scores = {("base", 0): empty_scores()}
         for img, truth in cases:
-            prob = predict_proba(base, img, "RGB", device, precision=args.precision)
-            mask, _ = decide_mask(prob, 0.5)
-            scores[("base", 0)] = scores[("base", 0)].add(score_masks(mask, truth))
+            scores[("base", 0)] = scores[("base", 0)].add(
+                score_detection(base, img, truth, device=device, precision=args.precision))
             for n in MARKER_COUNTS:
                 dust = pick_markers(truth, n, rng)
                 for mode in ("transfer", "scratch"):
                     res = fine_tune(base, img, "RGB", dust, mode=mode, device=device, cfg=cfg)
-                    prob = predict_proba(res.model, img, "RGB", device, precision=args.precision)
-                    mask, _ = decide_mask(prob, res.threshold, img, "RGB", dust)  # as the daemon does
                     key = (mode, n)
-                    scores[key] = scores.get(key, empty_scores()).add(score_masks(mask, truth))
+                    scores[key] = scores.get(key, empty_scores()).add(
+                        score_detection(res.model, img, truth, res.threshold, dust, device, args.precision))
                     if n == 5:
                         ft_times[mode].append(res.seconds)
                         curves.setdefault((kind, mode), []).append(res.losses)

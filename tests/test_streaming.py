@@ -257,3 +257,30 @@ def test_healing_memory_does_not_grow_with_the_image():
     assert np.array_equal(a, b), "the same dust is healed the same way"
     print(f"healing, beyond the copy: 4 MP {small / 1e6:.1f} MB, 16 MP {large / 1e6:.1f} MB")
     assert large < small + 1_000_000, f"4 MP: {small / 1e6:.1f} MB, 16 MP: {large / 1e6:.1f} MB beyond the copy"
+
+
+def test_healing_on_threads_holds_at_most_one_piece_per_thread():
+    """With several threads, each holds the float window of the one piece it repairs and
+    the queue holds only the pieces' mask boxes: the peak beyond the copy stays within
+    one single-thread peak per thread, at 16 MP as at 4 MP, whichever pieces overlap."""
+    spots = specks_mask(400, 400, seed=5, count=24)
+    spots[100:104, 20:380] = True
+    spots[300:304, 20:380] = True  # long scratches: many pieces, several in flight at once
+    patch = to_u16(textured(400, 400, seed=4))
+
+    def peak(side: int, workers: int) -> int:
+        image = np.full((side, side, 3), 30000, np.uint16)
+        image[:400, :400] = patch
+        mask = np.zeros((side, side), np.uint8)
+        mask[:400, :400] = spots * np.uint8(255)
+        tracemalloc.start()
+        out = heal_pixels(image, "RGB", mask, workers=workers)
+        p = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return p - out.nbytes
+
+    single = peak(4000, 1)
+    for side in (2000, 4000):
+        threaded = peak(side, 4)
+        print(f"healing {side}², beyond the copy: 1 thread {single / 1e6:.1f} MB, 4 threads {threaded / 1e6:.1f} MB")
+        assert threaded <= 4 * single, (side, threaded, single)

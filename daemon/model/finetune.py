@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ..imageio import color_rgb, to_float
+from .arch import DustModel, build_model
 from .losses import dust_loss
-from .unet import DustUNet
 
 Marker = tuple[float, float, float]  # x, y, r in image pixels
 
@@ -54,7 +54,7 @@ class FineTuneConfig:
 
 @dataclass
 class FineTuneResult:
-    model: DustUNet
+    model: DustModel
     threshold: float
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -125,7 +125,7 @@ def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
     return out[:, ::-1] if k >= 4 else out
 
 
-def build_training_set(base: DustUNet | None, image: np.ndarray, order: str,
+def build_training_set(base: DustModel | None, image: np.ndarray, order: str,
                        dust: list[Marker], not_dust: list[Marker], cfg: FineTuneConfig,
                        device: torch.device, check_cancel: Callable[[], None] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,7 +188,7 @@ def build_training_set(base: DustUNet | None, image: np.ndarray, order: str,
             torch.from_numpy(np.ascontiguousarray(np.stack(ws))))
 
 
-def fine_tune(base: DustUNet, image: np.ndarray, order: str, dust: list[Marker],
+def fine_tune(base: DustModel, image: np.ndarray, order: str, dust: list[Marker],
               not_dust: list[Marker] | None = None, mode: str = "transfer",
               device: torch.device | str = "cpu", cfg: FineTuneConfig | None = None,
               progress: Callable[[float, float], None] | None = None,
@@ -223,7 +223,7 @@ def fine_tune(base: DustUNet, image: np.ndarray, order: str, dust: list[Marker],
         params = list(model.decoder.parameters())
         steps = cfg.steps_transfer
     else:
-        model = DustUNet(base.cfg).to(device)
+        model = build_model(base.cfg).to(device)
         model.train()
         params = list(model.parameters())
         steps = cfg.steps_scratch

@@ -20,14 +20,14 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..imageio import color_rgb, to_float
-from .unet import MULTIPLE, DustUNet
+from .arch import DustModel
 
 
 def _tile_starts(n: int, core: int) -> list[int]:
     return list(range(0, max(1, n), core))
 
 
-def inference_copy(model: DustUNet, device: torch.device) -> nn.Module:
+def inference_copy(model: DustModel, device: torch.device) -> nn.Module:
     """A copy of ``model`` made for fast inference: each BatchNorm folded into the
     convolution before it, weights in channels-last order (about a quarter faster on the
     CPU; probabilities move by about 1e-7). The model itself is only put in eval mode."""
@@ -72,7 +72,7 @@ def use_bf16(device: torch.device, precision: str = "auto") -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16())
 
 
-def iter_proba(model: DustUNet, image: np.ndarray, order: str, device: torch.device | str = "cpu",
+def iter_proba(model: DustModel, image: np.ndarray, order: str, device: torch.device | str = "cpu",
                tile: int = 512, overlap: int = 32,
                progress: Callable[[float], None] | None = None,
                check_cancel: Callable[[], None] | None = None, precision: str = "auto"
@@ -88,6 +88,7 @@ def iter_proba(model: DustUNet, image: np.ndarray, order: str, device: torch.dev
     core = tile - 2 * overlap
     starts = [(y, x) for y in _tile_starts(h, core) for x in _tile_starts(w, core)]
     use_amp = use_bf16(device, precision)
+    multiple = model.multiple
     for i, (y, x) in enumerate(starts):
         if check_cancel:
             check_cancel()
@@ -97,12 +98,12 @@ def iter_proba(model: DustUNet, image: np.ndarray, order: str, device: torch.dev
         with torch.inference_mode():
             patch = to_float(np.ascontiguousarray(color_rgb(image[ya:yb, xa:xb], order)))
             t = torch.from_numpy(patch.transpose(2, 0, 1)[None].copy())
-            # reflect-pad to the overlap on image borders, then up to a multiple of 8
+            # reflect-pad to the overlap on image borders, then up to the model's multiple (8 or 16)
             pt, pl = overlap - (y - ya), overlap - (x - xa)
             pb, pr = overlap - (yb - y1), overlap - (xb - x1)
             th, tw = t.shape[2] + pt + pb, t.shape[3] + pl + pr
-            pb += (-th) % MULTIPLE
-            pr += (-tw) % MULTIPLE
+            pb += (-th) % multiple
+            pr += (-tw) % multiple
             mode = "reflect" if min(t.shape[2], t.shape[3]) > max(pt, pl, pb, pr) else "replicate"
             t = F.pad(t, (pl, pr, pt, pb), mode=mode)
             t = t.to(device).contiguous(memory_format=torch.channels_last)
@@ -116,7 +117,7 @@ def iter_proba(model: DustUNet, image: np.ndarray, order: str, device: torch.dev
             progress((i + 1) / len(starts))
 
 
-def predict_proba(model: DustUNet, image: np.ndarray, order: str, device: torch.device | str = "cpu",
+def predict_proba(model: DustModel, image: np.ndarray, order: str, device: torch.device | str = "cpu",
                   tile: int = 512, overlap: int = 32,
                   progress: Callable[[float], None] | None = None,
                   check_cancel: Callable[[], None] | None = None, precision: str = "auto") -> np.ndarray:

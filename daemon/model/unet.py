@@ -26,7 +26,7 @@ class UNetConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"] = list(self.widths)
-        return d
+        return {"encoder": "unet", **d}
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -95,6 +95,8 @@ MULTIPLE = 8
 
 
 class DustUNet(nn.Module):
+    multiple = MULTIPLE  # inputs must be a multiple of this (tiled inference pads to it)
+
     def __init__(self, cfg: UNetConfig | None = None):
         super().__init__()
         self.cfg = cfg or UNetConfig()

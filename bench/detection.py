@@ -12,6 +12,7 @@ and plots the fine-tuning loss per epoch (one epoch = one pass over the marker c
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -120,8 +121,13 @@ def main(argv=None) -> int:
         print(f"\nfine-tune, 5 markers, {mode}: median {np.median(ts):.1f} s (min {min(ts):.1f}, max {max(ts):.1f})")
     steps_per_epoch = max(1, (5 * cfg.offsets_per_marker + cfg.negative_crops) * 8 // cfg.batch)
     if args.plot:
+        # the raw curves first: a missing matplotlib must not lose a long run's curves
+        raw = Path(args.plot).with_suffix(".json")
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps({f"{k}/{m}": v for (k, m), v in curves.items()}))
+        print(f"\nloss curves (raw): {raw}")
         plot_curves(curves, steps_per_epoch, Path(args.plot))
-        print(f"\nloss curves: {args.plot}")
+        print(f"loss curves: {args.plot}")
     return 0
 
 

@@ -8,6 +8,11 @@ same held-out crops with the same markers, as ``bench/detection.py`` scores them
 model alone and transfer with 3 and 5 markers (the encoder frozen), then the detection
 time per megapixel and the median fine-tune time. ``--ft pos_weight=1,patience=10`` scores
 fine-tuning settings other than the defaults (``FineTuneConfig``) too (repeat to compare).
+
+``--reuse N`` measures what a saved model meets next: N more pairs of crops per kind, the
+same dust (same seed, so the same defects at the same places) over two different
+held-out pictures; fine-tuned on markers in the first, the model is scored on the second
+without markers, as ``--model NAME`` / ``auto`` uses it on the next frame of a shoot.
 """
 
 from __future__ import annotations
@@ -69,6 +74,46 @@ def score(models: dict, variants: dict, photos, stamps, crops: int, size: int, s
     return out
 
 
+def make_reuse_pair(photo_a, photo_b, kind: str, rng: np.random.Generator, size: int, stamps):
+    """The same damage (one seed) over a crop of each photo: (image a, truth, image b)."""
+    seed = int(rng.integers(2**31))
+    out = []
+    for photo in (photo_a, photo_b):
+        crop = np.ascontiguousarray(synth.random_crop(photo, size, rng, scale_range=(0.5, 1.0)))
+        drng = np.random.default_rng(seed)
+        if kind == "film":
+            dmg = synth.add_film_damage(crop, drng, stamps, count=int(drng.integers(25, 45)))
+        else:
+            dmg = synth.add_sensor_dust(crop, drng, count=int(drng.integers(12, 20)))
+        out.append((np.clip(np.rint(dmg.image * 255), 0, 255).astype(np.uint8), dmg.mask))
+    (a, truth), (b, truth_b) = out
+    assert np.array_equal(truth, truth_b), "the same seed makes the same dust"
+    return a, truth, b
+
+
+def score_reuse(models: dict, variants: dict, photos, stamps, pairs: int, size: int, seed: int,
+                precision: str, log) -> dict:
+    out = {}
+    for kind in ("film", "sensor"):
+        rng = np.random.default_rng([seed, 7, 0 if kind == "film" else 1])
+        for i in range(pairs):
+            a, truth, b = make_reuse_pair(photos[i % len(photos)], photos[(i + 1) % len(photos)], kind, rng,
+                                          size, stamps)
+            markers = {n: pick_markers(truth, n, rng) for n in (3, 5)}
+            for name, model in models.items():
+                key = (kind, name, 0, "next")
+                out[key] = out.get(key, empty_scores()).add(score_detection(model, b, truth, precision=precision))
+                for n, dust in markers.items():
+                    for vname, cfg in variants.items():
+                        res = fine_tune(model, a, "RGB", dust, mode="transfer", cfg=cfg)
+                        for where, img, d in (("same", a, dust), ("next", b, None)):
+                            key = (kind, name + vname, n, where)
+                            out[key] = out.get(key, empty_scores()).add(
+                                score_detection(res.model, img, truth, res.threshold, d, precision=precision))
+        log(f"# {kind}: reuse scored")
+    return out
+
+
 def seconds_per_mp(model, precision: str, size: int = 1024, repeats: int = 2) -> float:
     img = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
     predict_proba(model, img[:256, :256], "RGB", precision=precision)
@@ -86,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--seed", type=int, default=2027)
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--reuse", type=int, default=0, metavar="N",
+                    help="also score N pairs per kind: fine-tuned on one picture, used on the next")
+    ap.add_argument("--skip-main", action="store_true", help="only the --reuse pairs")
     ap.add_argument("--ft", action="append", default=None, metavar="KEY=VALUE,...",
                     help="fine-tuning settings to score besides the defaults (repeat to compare)")
     args = ap.parse_args(argv)
@@ -101,6 +149,26 @@ def main(argv=None) -> int:
         models[meta["id"]], metas[meta["id"]] = model, meta
     stamps = synth.StampSet.load(synth.default_stamps_dir())
     held = [synth.load_photo(p, 1600) for p in synth.list_photos(args.photos)]
+    rows = [(name + v) for name in models for v in variants]
+    if args.reuse:
+        reuse = score_reuse(models, variants, held, stamps, args.reuse, args.size, args.seed, args.precision, log)
+        print(f"\nReuse: {args.reuse} pairs of {args.size}x{args.size} crops per kind, the same dust over two "
+              f"held-out pictures; markers in the first; spot P / R / F1 on the first (with its markers) "
+              f"and on the second (no markers).\n")
+        print("| damage | model | markers | first P / R / F1 | next P / R / F1 |")
+        print("|---|---|---|---|---|")
+        for kind in ("film", "sensor"):
+            for name in models:
+                s = reuse[(kind, name, 0, "next")]
+                print(f"| {kind} | {name} | 0 | | {s.spot_precision:.3f} / {s.spot_recall:.3f} / {s.spot_f1:.3f} |")
+            for n in (3, 5):
+                for name in rows:
+                    cells = [reuse[(kind, name, n, w)] for w in ("same", "next")]
+                    print(f"| {kind} | {name} | {n} | " + " | ".join(
+                        f"{c.spot_precision:.3f} / {c.spot_recall:.3f} / {c.spot_f1:.3f}" for c in cells) + " |")
+        sys.stdout.flush()
+    if args.skip_main:
+        return 0
     scores = score(models, variants, held, stamps, args.crops, args.size, args.seed, args.precision, log)
     speed = {name: seconds_per_mp(m, args.precision) for name, m in models.items()}
 
@@ -112,7 +180,6 @@ def main(argv=None) -> int:
               f"{trained} pretraining steps")
     print("\n| damage | model | markers | spot P | spot R | spot F1 | pixel F1 |")
     print("|---|---|---|---|---|---|---|")
-    rows = [(name + v) for name in models for v in variants]
     for kind in ("film", "sensor"):
         for n in (0, 3, 5):
             for name in (models if n == 0 else rows):

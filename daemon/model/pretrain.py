@@ -42,6 +42,7 @@ class PretrainConfig:
     checkpoint_every: int = 100
     stop_after: int | None = None  # stop (checkpointed) after this many steps; for tests of resuming
     init: str | None = None  # weights to start from (a longer run in stages); None: random
+    soft: float = 0.0  # share of soft (upscaled or defocused) training crops; 0: none
     heldout: list[str] = field(default_factory=list)
 
 
@@ -57,7 +58,7 @@ def _batch(photos: list[np.ndarray], stamps: synth.StampSet | None, cfg: Pretrai
     xs, ys = [], []
     for _ in range(cfg.batch):
         photo = photos[int(rng.integers(len(photos)))]
-        img, mask = synth.make_training_pair(photo, cfg.crop, rng, stamps)
+        img, mask = synth.make_training_pair(photo, cfg.crop, rng, stamps, soft=cfg.soft)
         xs.append(img.transpose(2, 0, 1))
         ys.append(mask[None].astype(np.float32))
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
@@ -165,7 +166,8 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
                   "init": init_meta.get("id") if init_meta is not None else None,
                   "imagenet": imagenet,
                   "stages": stages + [{"steps": cfg.steps, "batch": cfg.batch, "crop": cfg.crop,
-                                       "lr": cfg.lr, "seed": cfg.seed, "seconds": round(train_s, 1)}]},
+                                       "lr": cfg.lr, "seed": cfg.seed, "seconds": round(train_s, 1),
+                                       **({"soft": cfg.soft} if cfg.soft else {})}]},
         "heldout": {"photos": [p.name for p in eval_paths], "metrics": metrics},
         "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)],
     }
@@ -179,6 +181,8 @@ def _initial_model(cfg: PretrainConfig, log) -> tuple[DustModel, dict | None, di
     """The model training starts from: ``cfg.init``'s weights, or a fresh U-Net, or a
     MobileNetV2 encoder with ImageNet weights (frozen) and a fresh stem and decoder; with
     the init file's metadata and, for MobileNetV2, where its ImageNet weights came from."""
+    if not 0.0 <= cfg.soft <= 1.0:
+        raise ValueError(f"--soft is a share of the crops, 0 to 1, not {cfg.soft}")
     if cfg.encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {cfg.encoder!r}")
     init_meta, imagenet = None, None
@@ -221,7 +225,8 @@ def model_card(meta: dict, params: int) -> str:
     stages = training_stages(t)
     training = "\n".join(
         f"{i}. {st['steps']} steps × {st['batch']} crops of {st['crop']}², AdamW lr {st['lr']}, "
-        f"cosine, seed {st['seed']}{', starting from stage ' + str(i - 1) if i > 1 else ''}; "
+        f"cosine, seed {st['seed']}{', starting from stage ' + str(i - 1) if i > 1 else ''}"
+        f"{', ' + format(st['soft'], '.0%') + ' soft crops' if st.get('soft') else ''}; "
         f"{(st.get('seconds') or 0) / 60:.1f} min"
         for i, st in enumerate(stages, 1))
     rebuild = []
@@ -239,6 +244,8 @@ def model_card(meta: dict, params: int) -> str:
                f"--seed {st['seed']} --lr {st['lr']}")
         if mnv2 and i == 1:
             cmd += " --encoder mobilenetv2 --imagenet WHEEL"
+        if st.get("soft"):
+            cmd += f" --soft {st['soft']}"
         if i > 1:
             cmd += f" --init STAGE{i - 1}.safetensors"
         rebuild.append(f"    {cmd}")

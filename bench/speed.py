@@ -33,7 +33,9 @@ from healdust.protocol import ImageDesc
 from healdust.protocol.client import Client
 
 
-def make_image(mp: float, depth: int, seed: int = 0) -> np.ndarray:
+def make_image(mp: float, depth: int, seed: int = 0, truth: np.ndarray | None = None) -> np.ndarray:
+    """The bundled sample scaled to ``mp`` megapixels with film dust; ``truth`` (bool,
+    the image's height and width), if given, receives the dust's mask."""
     photo = synth.load_photo(sample_path(), 4096).astype(np.float32) / 255
     w = int(round((mp * 1e6 * 1.5) ** 0.5))
     h = int(round(w / 1.5))
@@ -43,7 +45,10 @@ def make_image(mp: float, depth: int, seed: int = 0) -> np.ndarray:
     for _ in range(int(mp * 12)):
         y, x = int(rng.integers(0, h - 512)), int(rng.integers(0, w - 512))
         win = np.ascontiguousarray(img[y:y + 512, x:x + 512])
-        img[y:y + 512, x:x + 512] = synth.add_film_damage(win, rng, None, count=3, grain=0.0).image
+        dmg = synth.add_film_damage(win, rng, None, count=3, grain=0.0)
+        img[y:y + 512, x:x + 512] = dmg.image
+        if truth is not None:
+            truth[y:y + 512, x:x + 512] |= dmg.mask
     scale = 255 if depth == 8 else 65535
     return np.clip(np.rint(img * scale), 0, scale).astype(np.uint8 if depth == 8 else np.uint16)
 

@@ -32,12 +32,17 @@ from healdust.store import load_base_model
 MARKER_COUNTS = (3, 5, 10)
 
 
-def make_case(photo: np.ndarray, kind: str, rng: np.random.Generator, size: int, stamps):
+def make_case(photo: np.ndarray, kind: str, rng: np.random.Generator, size: int, stamps,
+              damage_rng: np.random.Generator | None = None):
+    """A held-out crop with synthetic damage: (uint8 image, bool truth). ``damage_rng``
+    (default ``rng``) draws the damage alone: the same seed there puts the same dust over
+    any picture."""
     crop = np.ascontiguousarray(synth.random_crop(photo, size, rng, scale_range=(0.5, 1.0)))
+    drng = rng if damage_rng is None else damage_rng
     if kind == "film":
-        dmg = synth.add_film_damage(crop, rng, stamps, count=int(rng.integers(25, 45)))
+        dmg = synth.add_film_damage(crop, drng, stamps, count=int(drng.integers(25, 45)))
     else:
-        dmg = synth.add_sensor_dust(crop, rng, count=int(rng.integers(12, 20)))
+        dmg = synth.add_sensor_dust(crop, drng, count=int(drng.integers(12, 20)))
     return (np.clip(np.rint(dmg.image * 255), 0, 255).astype(np.uint8), dmg.mask)
 
 

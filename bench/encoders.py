@@ -81,16 +81,8 @@ def score(models: dict, variants: dict, photos, stamps, crops: int, size: int, s
 def make_reuse_pair(photo_a, photo_b, kind: str, rng: np.random.Generator, size: int, stamps):
     """The same damage (one seed) over a crop of each photo: (image a, truth, image b)."""
     seed = int(rng.integers(2**31))
-    out = []
-    for photo in (photo_a, photo_b):
-        crop = np.ascontiguousarray(synth.random_crop(photo, size, rng, scale_range=(0.5, 1.0)))
-        drng = np.random.default_rng(seed)
-        if kind == "film":
-            dmg = synth.add_film_damage(crop, drng, stamps, count=int(drng.integers(25, 45)))
-        else:
-            dmg = synth.add_sensor_dust(crop, drng, count=int(drng.integers(12, 20)))
-        out.append((np.clip(np.rint(dmg.image * 255), 0, 255).astype(np.uint8), dmg.mask))
-    (a, truth), (b, truth_b) = out
+    (a, truth), (b, truth_b) = (make_case(photo, kind, rng, size, stamps, np.random.default_rng(seed))
+                                for photo in (photo_a, photo_b))
     assert np.array_equal(truth, truth_b), "the same seed makes the same dust"
     return a, truth, b
 
@@ -156,10 +148,9 @@ def main(argv=None) -> int:
     held = [synth.load_photo(p, 1600) for p in synth.list_photos(args.photos)]
     rows = [(name + v) for name in models for v in variants]
     if args.soft_image:
-        from speed import make_image
+        from speed import image_shape, make_image
 
-        w = int(round((6e6 * 1.5) ** 0.5))
-        truth = np.zeros((int(round(w / 1.5)), w), bool)
+        truth = np.zeros(image_shape(6), bool)
         img = make_image(6, 8, truth=truth)
         print(f"\nSoft picture: bench/speed.py's {img.shape[1]}x{img.shape[0]} image, "
               f"{100 * truth.mean():.2f} % dust; base models alone, {args.precision}\n")

@@ -33,12 +33,17 @@ from healdust.protocol import ImageDesc
 from healdust.protocol.client import Client
 
 
+def image_shape(mp: float) -> tuple[int, int]:
+    """(height, width) of ``make_image``'s 3:2 image of ``mp`` megapixels."""
+    w = int(round((mp * 1e6 * 1.5) ** 0.5))
+    return int(round(w / 1.5)), w
+
+
 def make_image(mp: float, depth: int, seed: int = 0, truth: np.ndarray | None = None) -> np.ndarray:
     """The bundled sample scaled to ``mp`` megapixels with film dust; ``truth`` (bool,
-    the image's height and width), if given, receives the dust's mask."""
+    ``image_shape(mp)``), if given, receives the dust's mask."""
     photo = synth.load_photo(sample_path(), 4096).astype(np.float32) / 255
-    w = int(round((mp * 1e6 * 1.5) ** 0.5))
-    h = int(round(w / 1.5))
+    h, w = image_shape(mp)
     img = cv2.resize(photo, (w, h), interpolation=cv2.INTER_CUBIC)
     rng = np.random.default_rng(seed)
     # dust in a few hundred 512² windows, so making the image stays cheap

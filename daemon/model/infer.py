@@ -41,35 +41,42 @@ def inference_copy(model: DustModel, device: torch.device) -> nn.Module:
     return net.to(device=device, memory_format=torch.channels_last)
 
 
+# CPU flags (/proc/cpuinfo) of hardware bf16 arithmetic, which oneDNN's convolutions use
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
 @functools.lru_cache(maxsize=1)
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), from the
-    kernel's CPU flags; False where they cannot be read (not Linux)."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (Intel AMX, or the
+    AVX-512 BF16 instructions of AMD Zen 4 and later Intel chips), from the kernel's CPU
+    flags; False where they cannot be read (not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    return not BF16_FLAGS.isdisjoint(line.split())
     except OSError:
         pass
     return False
 
 
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """bf16 autocast: "auto" takes it on CUDA and on a CPU with AMX, else fp32.
+    """bf16 autocast: "auto" takes it on CUDA and on a CPU with bf16 arithmetic, else fp32.
 
     Measured on a 2-core Intel VM with AMX: detection 0.18 s/MP in bf16 against 0.50 in
-    fp32. Single probabilities move by up to ~0.15 and about 0.01 % of pixels flip at the
-    threshold, but spot F1 stayed within 0.004 of fp32 on 40 held-out crops per kind
-    (base model) and 10 (5 markers), bench/precision.py. Without AMX bf16 is emulated
-    and slower, so such a CPU stays in fp32; "fp32" asks for it everywhere (bit-for-bit
-    repeatable figures).
+    fp32 (the U-Net); on a 2-core AMD EPYC VM with AVX-512 BF16 (Zen 4), the MobileNetV2
+    base model on 512² tiles, 0.23 against 0.58. Single probabilities can move a lot
+    where the logit is steep (a dust edge) and 0.05-0.15 % of pixels flip at the
+    threshold; spot F1 (bench/precision.py, README) stayed within 0.004 of fp32 with the
+    base model alone and lost 0.01-0.02 after fine-tuning on 5 markers. Without such
+    hardware bf16 is emulated and slower, so such a CPU stays in fp32; "fp32" asks for it
+    everywhere (bit-for-bit repeatable figures).
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16())
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
 
 
 def iter_proba(model: DustModel, image: np.ndarray, order: str, device: torch.device | str = "cpu",

@@ -110,6 +110,21 @@ def test_marker_labels_are_the_defect_not_the_disc():
     assert inter >= 0.5 * (truth & disc).sum()
 
 
+def test_marker_around_a_curved_hair_labels_the_hair_not_the_texture_at_its_centre():
+    # the hair covers little of the circle's core, which is mostly bright foliage: the
+    # polarity read in the core alone took the foliage for the defect (none of the hair)
+    _, dusty, truth = dusty_image(224, seed=12, count=12)
+    m = markers_for(truth, 4)[1]
+    assert m["r"] > 40
+    yy, xx = np.mgrid[:224, :224]
+    hair = truth & ((yy - m["y"]) ** 2 + (xx - m["x"]) ** 2 <= m["r"] ** 2)
+    core = (yy - m["y"]) ** 2 + (xx - m["x"]) ** 2 <= (m["r"] / 2) ** 2
+    assert (hair & core).sum() < 0.1 * core.sum()
+    lab = dust_inside_marker(dusty, m["y"], m["x"], m["r"])
+    assert (lab & hair).sum() >= 0.7 * hair.sum()
+    assert lab.sum() <= 1.5 * hair.sum()
+
+
 def test_fine_tuning_finds_the_unmarked_spots_of_the_same_kind(base):
     model, _ = base
     img, truth, dust = _one_image_task(seed=31, count=20)

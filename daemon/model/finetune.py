@@ -1,8 +1,9 @@
 """Learning from a few markers.
 
 A marker is a circle around one defect, larger than the defect. Inside it, the dust is
-what differs from the local background (median background, per-channel difference, Otsu
-inside the circle), joined with what the base model already calls dust there. The rest of
+the one part that differs from the local background (median background, Otsu inside the
+circle) with the most contrast near the centre, joined with what the base model already
+calls dust there. The rest of
 the circle is clean. Outside the circles most pixels are unlabeled — unmarked dust is
 everywhere — so they are ignored, except pixels the base model finds clearly clean, which
 serve as weak negatives. "Not dust" markers are hard negatives.
@@ -78,15 +79,30 @@ def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
 
 
+# Choosing the defect inside a marker (``dust_inside_marker``): a candidate part's ink
+# (summed contrast) is discounted by MARKER_FALLOFF per radius of its distance from the
+# circle's centre; the polarity (darker or brighter) of the circle's core counts
+# MARKER_CORE_PRIOR times; a part the base model calls dust counts up to
+# 1 + MARKER_BASE_BONUS times. Measured by bench/markers.py (mean IoU with the true
+# defect, 90 markers per kind on held-out crops) against the centre's polarity alone:
+# film 0.474 -> 0.522 with the base model's help, 0.380 -> 0.454 without; sensor dust
+# 0.528 -> 0.527 and 0.396 -> 0.394.
+MARKER_FALLOFF = 3.0
+MARKER_CORE_PRIOR = 4.0
+MARKER_BASE_BONUS = 4.0
+
+
 def dust_inside_marker(rgb: np.ndarray, cy: float, cx: float, r: float,
                        base_prob: np.ndarray | None = None) -> np.ndarray:
     """Which pixels inside the circle are dust (bool, same shape as the crop).
 
-    The defect is what differs from the local median background, with the polarity
-    (darker or brighter) of the circle's centre, thresholded by Otsu inside the circle;
-    of that, only the parts that reach the centre of the circle are kept (a marker circles
-    one defect; texture elsewhere in the circle is not it), joined with what the base
-    model calls dust there.
+    A defect is what differs from the local median background, darker or brighter. For
+    each polarity the difference is thresholded by Otsu inside the circle and cut into
+    connected parts; the marker circles one defect, so one part is chosen: the one with
+    the most ink (summed difference), discounted by its distance from the centre (a
+    marker is drawn around its defect, though a curved hair may miss the very centre),
+    favouring the polarity of the circle's core and what the base model already calls
+    dust. The chosen part is joined with what the base model calls dust in the circle.
     """
     h, w = rgb.shape[:2]
     disc = _disc((h, w), cy, cx, r)
@@ -95,26 +111,39 @@ def dust_inside_marker(rgb: np.ndarray, cy: float, cx: float, r: float,
     bg = cv2.medianBlur(np.ascontiguousarray((rgb * 255).clip(0, 255).astype(np.uint8)), k)
     signed = (rgb - bg.astype(np.float32) / 255).mean(axis=2)
     core = _disc((h, w), cy, cx, max(1.5, r / 2)) & disc
-    polarity = 1.0 if core.any() and np.median(signed[core]) > 0 else -1.0
-    diff = np.maximum(signed * polarity, 0)
-    vals = diff[disc]
-    dust = np.zeros(disc.shape, bool)
-    if vals.size and vals.max() > 0.015:
+    core_polarity = 1.0 if core.any() and np.median(signed[core]) > 0 else -1.0
+    yy, xx = np.ogrid[:h, :w]
+    centre_dist = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2).ravel()
+    seen = None if base_prob is None else disc & (base_prob > 0.5)
+    best, best_score = None, 0.0
+    for polarity in (1.0, -1.0):
+        diff = np.maximum(signed * polarity, 0)
+        vals = diff[disc]
+        if not vals.size or vals.max() <= 0.015:
+            continue
         v8 = np.clip(vals / vals.max() * 255, 0, 255).astype(np.uint8)
         t, _ = cv2.threshold(v8.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        thr = max(0.015, t / 255 * vals.max())
-        cand = disc & (diff > thr)
+        cand = disc & (diff > max(0.015, t / 255 * vals.max()))
         n, lab = cv2.connectedComponents(cand.astype(np.uint8), connectivity=8)
-        if n > 1:
-            # one defect per marker: the largest part that reaches the centre, else the largest
-            sizes = np.bincount(lab.ravel(), minlength=n)
-            sizes[0] = 0
-            central = np.unique(lab[core & cand])
-            central = central[central > 0]
-            pool = central if central.size else np.arange(1, n)
-            dust = lab == pool[np.argmax(sizes[pool])]
-    if base_prob is not None:
-        dust |= disc & (base_prob > 0.5)
+        if n < 2:
+            continue
+        lab = lab.ravel()
+        ink = np.bincount(lab, weights=diff.ravel(), minlength=n)
+        nearest = np.full(n, np.inf)
+        np.minimum.at(nearest, lab, centre_dist)
+        score = ink * np.exp(-MARKER_FALLOFF * nearest / max(r, 1.0))
+        if seen is not None and seen.any():
+            share = np.bincount(lab, weights=seen.ravel(), minlength=n) / np.maximum(np.bincount(lab, minlength=n), 1)
+            score *= 1.0 + MARKER_BASE_BONUS * share
+        if polarity == core_polarity:
+            score *= MARKER_CORE_PRIOR
+        score[0] = 0.0
+        j = int(np.argmax(score))
+        if score[j] > best_score:
+            best, best_score = (lab == j).reshape(h, w), float(score[j])
+    dust = np.zeros((h, w), bool) if best is None else best
+    if seen is not None:
+        dust |= seen
     if not dust.any():  # nothing stands out: trust the user, take the core of the circle
         dust = _disc((h, w), cy, cx, max(1.0, r / 3))
     return dust

@@ -64,10 +64,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(home: str, device: str, precision: str) -> tuple[subprocess.Popen, str]:
+def start_daemon(home: str, device: str, precision: str, tile: int | None = None) -> tuple[subprocess.Popen, str]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     p = subprocess.Popen([sys.executable, "-m", "healdust", "serve", "--endpoint", endpoint, "--device", device,
-                          "--precision", precision],
+                          "--precision", precision, *(["--tile", str(tile)] if tile else [])],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                          env=dict(os.environ, HEALDUST_HOME=home))
     assert p.stdout.readline().startswith("healdust ready")
@@ -99,15 +99,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="detection arithmetic (healdust serve --precision)")
+    ap.add_argument("--tile", type=int, default=None, help="detection tile size (healdust serve --tile; "
+                    "default: its default)")
     args = ap.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
-    pipe = Pipeline(args.device, precision=args.precision)
+    pipe = Pipeline(args.device, precision=args.precision, **({"tile": args.tile} if args.tile else {}))
     cuda = pipe.device.type == "cuda"
     rows = []
     home = tempfile.mkdtemp(prefix="healdust-speed-")
     for mp in sizes:
-        daemon, endpoint = start_daemon(home, args.device, args.precision)
+        daemon, endpoint = start_daemon(home, args.device, args.precision, args.tile)
         try:
             for depth in depths:
                 img = make_image(mp, depth)
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     arith = "bf16" if use_bf16(pipe.device, args.precision) else "fp32"
     print(f"\nSpeed on {cpu_name()} ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}, "
-          f"{where}, precision {args.precision} ({arith}); base model, no markers\n")
+          f"{where}, precision {args.precision} ({arith}), tile {pipe.tile}; base model, no markers\n")
     print("| image | depth | MP | detect s/MP | heal s/MP | in-process s | via daemon s | daemon overhead "
           "| daemon peak RSS MB |" + (" peak GPU MB (in-process) |" if cuda else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))

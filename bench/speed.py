@@ -5,7 +5,8 @@
 For each size and bit depth: detection and healing time per megapixel with the base model
 (in-process), the same heal through a real daemon on loopback (the ratio of the two is the
 transport overhead), the daemon's peak resident memory (VmHWM, one fresh daemon per image
-size), and the fine-tune time for 5 markers. Images are the bundled sample resized up,
+size), and the fine-tune time for 5 markers. ``--repeat N`` runs each job N times both
+ways, alternating, and prints the fastest of each. Images are the bundled sample resized up,
 with synthetic film dust (about 0.2 % of pixels).
 """
 
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="detection arithmetic (healdust serve --precision)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each job both ways, alternating; "
+                    "the fastest of each is printed (shared VMs vary by 10-20 %% from run to run)")
     ap.add_argument("--tile", type=int, default=None, help="detection tile size (healdust serve --tile; "
                     "default: its default)")
     args = ap.parse_args(argv)
@@ -116,17 +119,21 @@ def main(argv=None) -> int:
                 h, w = img.shape[:2]
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                t = time.monotonic()
-                res = pipe.run(JobSpec("heal", img, "RGB"))
-                local = time.monotonic() - t
-                gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
                 desc = ImageDesc.packed(w, h, "RGB", "u8" if depth == 8 else "u16").to_dict()
-                with Client(endpoint, timeout=1800, home=home) as c:
+                local, remote, best = float("inf"), float("inf"), None
+                for _ in range(args.repeat):  # alternating, so a slow spell of a shared VM hits both
                     t = time.monotonic()
-                    ev = c.call("heal", {"image": desc}, [img])
-                    remote = time.monotonic() - t
-                assert ev.get("spots") == res.spots
-                rows.append((mp, depth, w * h / 1e6, res.seconds["detect"], res.seconds["heal"], local, remote,
+                    res = pipe.run(JobSpec("heal", img, "RGB"))
+                    dt = time.monotonic() - t
+                    if dt < local:
+                        local, best = dt, res.seconds
+                    with Client(endpoint, timeout=1800, home=home) as c:
+                        t = time.monotonic()
+                        ev = c.call("heal", {"image": desc}, [img])
+                        remote = min(remote, time.monotonic() - t)
+                    assert ev.get("spots") == res.spots
+                gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+                rows.append((mp, depth, w * h / 1e6, best["detect"], best["heal"], local, remote,
                              peak_rss_mb(daemon.pid), res.spots, gpu_mb))
                 print(f"# {w}x{h} {depth}-bit done", file=sys.stderr)
                 del img, res, ev
@@ -143,7 +150,8 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     arith = "bf16" if use_bf16(pipe.device, args.precision) else "fp32"
     print(f"\nSpeed on {cpu_name()} ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}, "
-          f"{where}, precision {args.precision} ({arith}), tile {pipe.tile}; base model, no markers\n")
+          f"{where}, precision {args.precision} ({arith}), tile {pipe.tile}; base model, no markers; "
+          f"fastest of {args.repeat} run(s) each way\n")
     print("| image | depth | MP | detect s/MP | heal s/MP | in-process s | via daemon s | daemon overhead "
           "| daemon peak RSS MB |" + (" peak GPU MB (in-process) |" if cuda else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))

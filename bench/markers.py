@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=None, help="base model weights (default: the shipped model)")
     args = ap.parse_args(argv)
     base, meta = load_base_model(args.base, torch.device("cpu"))
-    photos = [synth.load_photo(p) for p in sorted(Path(args.photos).glob("*.jpg"))]
+    photos = [synth.load_photo(p) for p in synth.list_photos(args.photos)]
     if not photos:
         raise SystemExit(f"no photos in {args.photos} (make them with bench/photos.py)")
     stamps_dir = synth.default_stamps_dir()

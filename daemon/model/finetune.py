@@ -85,8 +85,8 @@ def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
 # MARKER_CORE_PRIOR times; a part the base model calls dust counts up to
 # 1 + MARKER_BASE_BONUS times. Measured by bench/markers.py (mean IoU with the true
 # defect, 90 markers per kind on held-out crops) against the centre's polarity alone:
-# film 0.474 -> 0.522 with the base model's help, 0.380 -> 0.454 without; sensor dust
-# 0.528 -> 0.527 and 0.396 -> 0.394.
+# film 0.487 -> 0.535 with the base model's help, 0.380 -> 0.454 without; sensor dust
+# 0.518 -> 0.517 and 0.396 -> 0.394.
 MARKER_FALLOFF = 3.0
 MARKER_CORE_PRIOR = 4.0
 MARKER_BASE_BONUS = 4.0

@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tile", type=int, default=512, help="inference tile size in px (smaller: less memory)")
     sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="detection arithmetic: auto = bf16 on CUDA and on a CPU with AMX or AVX-512 BF16 "
-                         "(2-3x faster there; flips 0.05-0.15 %% of pixels at the threshold), fp32 "
+                         "(2-3x faster there; flips 0.03-0.15 %% of pixels at the threshold), fp32 "
                          "elsewhere; fp32 = bit-for-bit repeatable")
     sp.add_argument("--max-queue", type=int, default=DEFAULT_LIMITS.max_queue,
                     help="jobs waiting in all; past it clients get a 'busy' reply")

@@ -65,10 +65,10 @@ def use_bf16(device: torch.device, precision: str = "auto") -> bool:
 
     Measured on a 2-core Intel VM with AMX: detection 0.18 s/MP in bf16 against 0.50 in
     fp32 (the U-Net); on a 2-core AMD EPYC VM with AVX-512 BF16 (Zen 4), the MobileNetV2
-    base model on 512² tiles, 0.23 against 0.58. Single probabilities can move a lot
-    where the logit is steep (a dust edge) and 0.05-0.15 % of pixels flip at the
+    base model, 0.23-0.29 against 0.46 (bench/speed.py). Single probabilities can move a lot
+    where the logit is steep (a dust edge) and 0.03-0.15 % of pixels flip at the
     threshold; spot F1 (bench/precision.py, README) stayed within 0.004 of fp32 with the
-    base model alone and lost 0.01-0.02 after fine-tuning on 5 markers. Without such
+    base model alone and within 0.001-0.02 after fine-tuning on 5 markers. Without such
     hardware bf16 is emulated and slower, so such a CPU stays in fp32; "fp32" asks for it
     everywhere (bit-for-bit repeatable figures).
     """

@@ -56,13 +56,13 @@ def parse_ft(text: str) -> FineTuneConfig:
 
 
 def score(models: dict, variants: dict, photos, stamps, crops: int, size: int, seed: int, precision: str,
-          log) -> dict:
+          log, counts: tuple[int, ...] = (3, 5)) -> dict:
     out = {}
     for kind in ("film", "sensor"):
         rng = np.random.default_rng([seed, 0 if kind == "film" else 1])
         cases = [make_case(photos[i % len(photos)], kind, rng, size, stamps) for i in range(crops)]
         for img, truth in cases:
-            markers = {n: pick_markers(truth, n, rng) for n in (3, 5)}
+            markers = {n: pick_markers(truth, n, rng) for n in counts}
             for name, model in models.items():
                 key = (kind, name, 0)
                 out[key] = out.get(key, empty_scores()).add(score_detection(model, img, truth, precision=precision))
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
                     help="also score N pairs per kind: fine-tuned on one picture, used on the next")
     ap.add_argument("--skip-main", action="store_true", help="only the --reuse pairs (and --soft-image)")
     ap.add_argument("--soft-image", action="store_true", help="score the base models on a soft, upscaled picture")
+    ap.add_argument("--markers", default="3,5", help="marker counts to fine-tune on (comma-separated)")
     ap.add_argument("--ft", action="append", default=None, metavar="KEY=VALUE,...",
                     help="fine-tuning settings to score besides the defaults (repeat to compare)")
     args = ap.parse_args(argv)
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
         sys.stdout.flush()
     if args.skip_main:
         return 0
-    scores = score(models, variants, held, stamps, args.crops, args.size, args.seed, args.precision, log)
+    counts = tuple(int(n) for n in args.markers.split(","))
+    scores = score(models, variants, held, stamps, args.crops, args.size, args.seed, args.precision, log, counts)
     speed = {name: seconds_per_mp(m, args.precision) for name, m in models.items()}
 
     print(f"\nEncoders on {args.crops} held-out {args.size}x{args.size} crops per kind; "
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
     print("\n| damage | model | markers | spot P | spot R | spot F1 | pixel F1 |")
     print("|---|---|---|---|---|---|---|")
     for kind in ("film", "sensor"):
-        for n in (0, 3, 5):
+        for n in (0, *counts):
             for name in (models if n == 0 else rows):
                 s = scores[(kind, name, n)]
                 print(f"| {kind} | {name} | {n} | {s.spot_precision:.3f} | {s.spot_recall:.3f} | "

@@ -18,6 +18,7 @@ from .imageio import ImageError, LoadedImage, read_image, read_mask, write_image
 from .protocol import keys
 from .protocol.client import Client, DaemonLost, DaemonUnavailable, JobCancelled, RemoteError, default_endpoint
 from .protocol.codec import DEFAULT_LIMITS, ImageDesc, Limits
+from .runtime import keep_freed_memory, on_short_thread
 
 RESUBMITS = 2  # times a job is sent again after the daemon went away mid-job
 SAMPLE_DTYPES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.float16): "f16",
@@ -334,10 +335,11 @@ def cmd_serve(args) -> int:
     if min(args.max_queue, args.max_queue_per_client, args.max_pixels, args.tile, args.max_queue_mb) < 1:
         raise CliError("--max-queue, --max-queue-per-client, --max-pixels, --max-queue-mb and --tile "
                        "must be positive")
-    pipeline = Pipeline(args.device, tile=args.tile, precision=args.precision)
+    # loaded and warmed on a short-lived thread: only the worker may keep an OpenMP team (runtime.py)
+    pipeline = on_short_thread(Pipeline, args.device, tile=args.tile, precision=args.precision)
     if pipeline.store.clean_leftovers():
         logging.getLogger("healdust.daemon").info("removed temporary files of interrupted saves")
-    warm_up(pipeline)
+    on_short_thread(warm_up, pipeline)
     server = Server(endpoint, pipeline, limits, server_keys=server_keys)
 
     def ready(ep: str) -> None:
@@ -628,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # this process runs jobs: reuse freed tensor memory (see runtime.py)
     try:
         return args.func(args)
     except (CliError, ImageError, RemoteError, DaemonUnavailable, JobCancelled) as e:

@@ -26,6 +26,7 @@ from .model.weights_io import WeightsError
 from .pipeline import Cancelled, JobError, JobSpec, Pipeline
 from .protocol import codec, keys
 from .protocol.codec import ImageDesc, Limits, ProtocolError
+from .runtime import on_short_thread, release_freed_memory
 from .store import ModelNotFound
 
 log = logging.getLogger("healdust.daemon")
@@ -361,7 +362,9 @@ class Server:
         if len(data) > self.limits.max_model_bytes:
             raise ProtocolError("too_large", f"model file over {self.limits.max_model_bytes} bytes")
         data = data.bytes if hasattr(data, "bytes") else bytes(data)
-        name = self.pipeline.store.import_bytes(data, name, self.pipeline.base, self.pipeline.base_meta)
+        # the check builds the model: on a short-lived thread, so this one keeps no OpenMP team
+        name = on_short_thread(self.pipeline.store.import_bytes, data, name, self.pipeline.base,
+                               self.pipeline.base_meta)
         self.pipeline.forget(name)
         return {"name": name}, None
 
@@ -433,6 +436,9 @@ class Server:
                     type_, fields, buffers = "cancelled", {}, None
                 # sent after 'running' is cleared: a client that saw the reply sees an idle daemon
                 self._push(out, job, type_, fields, buffers)
+                del job, fields, buffers
+                if not len(self.queue):  # idle: hand back what the heaps kept for reuse
+                    release_freed_memory()
         finally:
             out.close(linger=2000)
 

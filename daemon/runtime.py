@@ -4,9 +4,9 @@
 trimming the top of a heap), so the next buffer of that size arrives as fresh pages the
 kernel must fault in and zero, one 4 KiB page at a time. Detection allocates and frees
 the same tens of megabytes of activations for every tile: at 24 MP that measured about a
-million page faults per image and 17–20 % of detection time (``bench/speed.py``; the
-same peak memory either way). So a process that runs jobs — the daemon, the CLI, the
-benches — raises the two thresholds once (``keep_freed_memory``), and the daemon returns
+million page faults per image and 17–20 % of detection time (by hand, alternating fresh
+processes; the same peak memory either way). So a process that runs jobs — the CLI and
+so the daemon, ``bench/speed.py`` — raises the two thresholds once (``keep_freed_memory``), and the daemon returns
 what its heaps kept after each job (``release_freed_memory``), so an idle daemon stays
 small.
 
@@ -68,8 +68,9 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                      TRIM_THRESHOLD))
+    mmap_set = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    trim_set = bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return mmap_set and trim_set
 
 
 def release_freed_memory() -> bool:

@@ -5,10 +5,10 @@ trimming the top of a heap), so the next buffer of that size arrives as fresh pa
 kernel must fault in and zero, one 4 KiB page at a time. Detection allocates and frees
 the same tens of megabytes of activations for every tile: at 24 MP that measured about a
 million page faults per image and 17–20 % of detection time (by hand, alternating fresh
-processes; the same peak memory either way). So a process that runs jobs — the CLI and
-so the daemon, ``bench/speed.py`` — raises the two thresholds once (``keep_freed_memory``), and the daemon returns
-what its heaps kept after each job (``release_freed_memory``), so an idle daemon stays
-small.
+processes; the same peak memory either way). ``keep_freed_memory`` raises the two
+thresholds; nothing calls it yet (in the daemon it raised the peak under the fuzz test,
+README). The daemon does return what its heaps hold after each job and each model
+import (``release_freed_memory``), so an idle daemon stays small.
 
 Only glibc has these knobs (``mallopt``, ``malloc_trim``); elsewhere both calls do
 nothing and say so by returning False.

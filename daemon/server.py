@@ -363,8 +363,11 @@ class Server:
             raise ProtocolError("too_large", f"model file over {self.limits.max_model_bytes} bytes")
         data = data.bytes if hasattr(data, "bytes") else bytes(data)
         # the check builds the model: on a short-lived thread, so this one keeps no OpenMP team
-        name = on_short_thread(self.pipeline.store.import_bytes, data, name, self.pipeline.base,
-                               self.pipeline.base_meta)
+        try:
+            name = on_short_thread(self.pipeline.store.import_bytes, data, name, self.pipeline.base,
+                                   self.pipeline.base_meta)
+        finally:  # what the check freed stays in that thread's heap otherwise (runtime.py)
+            release_freed_memory()
         self.pipeline.forget(name)
         return {"name": name}, None
 

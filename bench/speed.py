@@ -32,6 +32,7 @@ from healdust.model.infer import use_bf16
 from healdust.pipeline import JobSpec, Pipeline
 from healdust.protocol import ImageDesc
 from healdust.protocol.client import Client
+from healdust.runtime import keep_freed_memory
 
 
 def image_shape(mp: float) -> tuple[int, int]:
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tile", type=int, default=None, help="detection tile size (healdust serve --tile; "
                     "default: its default)")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as the daemon does (healdust.runtime), so in-process compares like with like
     sizes = [float(s) for s in args.sizes.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     pipe = Pipeline(args.device, precision=args.precision, **({"tile": args.tile} if args.tile else {}))

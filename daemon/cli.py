@@ -18,7 +18,7 @@ from .imageio import ImageError, LoadedImage, read_image, read_mask, write_image
 from .protocol import keys
 from .protocol.client import Client, DaemonLost, DaemonUnavailable, JobCancelled, RemoteError, default_endpoint
 from .protocol.codec import DEFAULT_LIMITS, ImageDesc, Limits
-from .runtime import on_short_thread
+from .runtime import keep_freed_memory, on_short_thread
 
 RESUBMITS = 2  # times a job is sent again after the daemon went away mid-job
 SAMPLE_DTYPES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.float16): "f16",
@@ -630,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # this process runs jobs: reuse freed tensor memory (see runtime.py)
     try:
         return args.func(args)
     except (CliError, ImageError, RemoteError, DaemonUnavailable, JobCancelled) as e:

@@ -5,10 +5,10 @@ trimming the top of a heap), so the next buffer of that size arrives as fresh pa
 kernel must fault in and zero, one 4 KiB page at a time. Detection allocates and frees
 the same tens of megabytes of activations for every tile: at 24 MP that measured about a
 million page faults per image and 17–20 % of detection time (by hand, alternating fresh
-processes; the same peak memory either way). ``keep_freed_memory`` raises the two
-thresholds; nothing calls it yet (in the daemon it raised the peak under the fuzz test,
-README). The daemon does return what its heaps hold after each job and each model
-import (``release_freed_memory``), so an idle daemon stays small.
+processes; the same peak memory either way). So a process that runs jobs (the CLI, and
+so the daemon; ``bench/speed.py``) raises the two thresholds once (``keep_freed_memory``),
+and the daemon returns what its heaps kept after each job and each model import
+(``release_freed_memory``), so an idle daemon stays small.
 
 Only glibc has these knobs (``mallopt``, ``malloc_trim``); elsewhere both calls do
 nothing and say so by returning False.
@@ -19,10 +19,10 @@ libgomp manages more threads than there are CPUs, its threads stop spinning at b
 and sleep instead, and every one of the thousands of small parallel regions in a tile
 waits for a wake-up: detection on the daemon's worker measured 20–25 % slower (CPU use
 1.6 of 2 cores instead of 2.0) once the main thread had loaded the model, and as fast as
-in-process when only one thread ever ran torch. So the daemon's worker is the one
-long-lived thread that runs torch, and torch work elsewhere (loading the model at start,
-checking an imported model) runs on a short-lived thread (``on_short_thread``), whose
-team ends with it.
+in-process when only one thread ever ran torch. So the daemon loads and warms its model
+on a short-lived thread (``on_short_thread``), whose team ends with it, and its worker is
+the one long-lived thread that runs torch — until a ``models.import``, whose check still
+runs on the I/O thread (see ``Server._on_models_import``).
 """
 
 from __future__ import annotations

@@ -56,12 +56,29 @@ def test_a_short_thread_takes_its_openmp_team_with_it():
     assert after_main > before  # the control: the same work here keeps a team
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and needs glibc")
 def test_freed_memory_is_kept_and_given_back_on_glibc():
+    """By default glibc returns a freed 32 MB block at once; after keep_freed_memory the
+    process keeps it (for the next tile), and release_freed_memory hands it back."""
     out = run_python("""
+        import numpy as np
         from healdust import runtime
-        released = runtime.release_freed_memory()
-        print(runtime._glibc() is not None, runtime.keep_freed_memory(), released in (True, False))
+        def rss_mb():
+            return int([x for x in open("/proc/self/status") if x.startswith("VmRSS")][0].split()[1]) // 1024
+        def freed_block_kept():
+            a = np.ones(32 << 20, np.uint8)
+            held = rss_mb()
+            del a
+            return rss_mb() > held - 16
+        default_kept = freed_block_kept()
+        assert runtime._glibc() is not None, "not glibc"
+        assert runtime.keep_freed_memory()
+        kept = freed_block_kept()
+        before = rss_mb()
+        assert runtime.release_freed_memory()
+        print(default_kept, kept, before - rss_mb())
     """)
-    glibc, kept, released = out.split()
-    assert released == "True"
-    assert kept == glibc  # set wherever glibc is there, a no-op (False) elsewhere
+    default_kept, kept, given_back = out.split()
+    assert default_kept == "False"
+    assert kept == "True"
+    assert int(given_back) >= 24

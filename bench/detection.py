@@ -12,6 +12,7 @@ and plots the fine-tuning loss per epoch (one epoch = one pass over the marker c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -55,6 +56,18 @@ def pick_markers(mask: np.ndarray, n: int, rng: np.random.Generator) -> list[tup
              float(0.5 * np.hypot(st[i, 2], st[i, 3]) + rng.uniform(3, 8))) for i in chosen]
 
 
+def parse_ft(text: str) -> FineTuneConfig:
+    """``key=value,...`` over the default FineTuneConfig."""
+    fields = {f.name: f.type for f in dataclasses.fields(FineTuneConfig)}
+    changes = {}
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        if k not in fields:
+            raise SystemExit(f"--ft: unknown setting {k!r} (one of {', '.join(fields)})")
+        changes[k] = float(v) if fields[k] in (float, "float") else int(v)
+    return dataclasses.replace(FineTuneConfig(), **changes)
+
+
 def score_detection(model, img: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
                     dust: list | None = None, device="cpu", precision: str = "auto"):
     """Detect on one crop and score the mask as the daemon would decide it (the marked
@@ -77,6 +90,9 @@ def main(argv=None) -> int:
                     help="detection arithmetic (healdust serve --precision); fine-tuning is fp32")
     ap.add_argument("--scratch-steps", type=int, default=FineTuneConfig.steps_scratch)
     ap.add_argument("--base", default=None, help="a base model file (default: the shipped one)")
+    ap.add_argument("--ft", default="", metavar="KEY=VALUE,...",
+                    help="fine-tune settings over the defaults, e.g. distill=1.0,negative_crops=32")
+    ap.add_argument("--modes", default="transfer,scratch", help="fine-tune modes to run (comma-separated)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -87,8 +103,11 @@ def main(argv=None) -> int:
         return 1
     stamps_dir = args.stamps or synth.default_stamps_dir()
     stamps = synth.StampSet.load(stamps_dir) if stamps_dir else None
-    cfg = FineTuneConfig(steps_scratch=args.scratch_steps)
-    rows, curves, ft_times = [], {}, {"transfer": [], "scratch": []}
+    cfg = dataclasses.replace(parse_ft(args.ft), steps_scratch=args.scratch_steps)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"transfer", "scratch"}:
+        raise SystemExit("--modes: transfer and/or scratch")
+    rows, curves, ft_times = [], {}, {m: [] for m in modes}
     t_all = time.monotonic()
     for kind in ("film", "sensor"):
         rng = np.random.default_rng([args.seed, 0 if kind == "film" else 1])
@@ -99,7 +118,7 @@ def main(argv=None) -> int:
                 score_detection(base, img, truth, device=device, precision=args.precision))
             for n in MARKER_COUNTS:
                 dust = pick_markers(truth, n, rng)
-                for mode in ("transfer", "scratch"):
+                for mode in modes:
                     res = fine_tune(base, img, "RGB", dust, mode=mode, device=device, cfg=cfg)
                     key = (mode, n)
                     scores[key] = scores.get(key, empty_scores()).add(
@@ -115,7 +134,8 @@ def main(argv=None) -> int:
           f"({', '.join(p.name for p in synth.list_photos(args.photos))}); base model {meta['id']}; "
           f"{platform.machine()}, {torch.get_num_threads()} threads, {device}, "
           f"{'bf16' if use_bf16(device, args.precision) else 'fp32'} detection; "
-          f"fine-tune at most {cfg.steps_transfer} steps (transfer) / {cfg.steps_scratch} (scratch)\n")
+          f"fine-tune at most {cfg.steps_transfer} steps (transfer) / {cfg.steps_scratch} (scratch)"
+          f"{'; settings ' + args.ft if args.ft else ''}\n")
     print("| damage | model | markers | spot P | spot R | spot F1 | pixel P | pixel R | pixel F1 |")
     print("|---|---|---|---|---|---|---|---|---|")
     order = {"base": 0, "transfer": 1, "scratch": 2}

@@ -22,7 +22,6 @@ takes soft blobs for sensor dust shows it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import sys
 import time
@@ -40,19 +39,7 @@ from healdust.model.unet import parameter_count
 from healdust.store import load_base_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detection import make_case, pick_markers, score_detection  # noqa: E402
-
-
-def parse_ft(text: str) -> FineTuneConfig:
-    """``key=value,...`` over the default FineTuneConfig."""
-    fields = {f.name: f.type for f in dataclasses.fields(FineTuneConfig)}
-    changes = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        if k not in fields:
-            raise SystemExit(f"--ft: unknown setting {k!r} (one of {', '.join(fields)})")
-        changes[k] = float(v) if fields[k] in (float, "float") else int(v)
-    return dataclasses.replace(FineTuneConfig(), **changes)
+from detection import make_case, parse_ft, pick_markers, score_detection  # noqa: E402
 
 
 def score(models: dict, variants: dict, photos, stamps, crops: int, size: int, seed: int, precision: str,

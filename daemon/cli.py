@@ -335,12 +335,12 @@ def cmd_serve(args) -> int:
     if min(args.max_queue, args.max_queue_per_client, args.max_pixels, args.tile, args.max_queue_mb) < 1:
         raise CliError("--max-queue, --max-queue-per-client, --max-pixels, --max-queue-mb and --tile "
                        "must be positive")
-    # loaded and warmed on a short-lived thread: only the worker may keep an OpenMP team (runtime.py)
+    # loaded on a short-lived thread and warmed on the worker: only the worker keeps an
+    # OpenMP team (runtime.py), and it has it before the first job
     pipeline = on_short_thread(Pipeline, args.device, tile=args.tile, precision=args.precision)
     if pipeline.store.clean_leftovers():
         logging.getLogger("healdust.daemon").info("removed temporary files of interrupted saves")
-    on_short_thread(warm_up, pipeline)
-    server = Server(endpoint, pipeline, limits, server_keys=server_keys)
+    server = Server(endpoint, pipeline, limits, server_keys=server_keys, warm_up=lambda: warm_up(pipeline))
 
     def ready(ep: str) -> None:
         print(f"healdust ready {ep}", flush=True)

@@ -21,8 +21,8 @@ waits for a wake-up: detection on the daemon's worker measured 20–25 % slower 
 1.6 of 2 cores instead of 2.0) once the main thread had loaded the model, and as fast as
 in-process when only one thread ever ran torch. So the daemon loads and warms its model
 on a short-lived thread (``on_short_thread``), whose team ends with it, and its worker is
-the one long-lived thread that runs torch — until a ``models.import``, whose check still
-runs on the I/O thread (see ``Server._on_models_import``).
+the one long-lived thread that runs torch. (A ``models.import`` is checked on the I/O
+thread by names, shapes and types alone, with no tensor work: ``ModelStore._check``.)
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,8 +153,11 @@ class FairQueue:
 
 class Server:
     def __init__(self, endpoint: str, pipeline: Pipeline, limits: Limits | None = None,
-                 server_keys: keys.ServerKeys | None = None):
-        """server_keys: required for TCP endpoints (PLAIN token on loopback, CURVE elsewhere)."""
+                 server_keys: keys.ServerKeys | None = None, warm_up: Callable[[], None] | None = None):
+        """server_keys: required for TCP endpoints (PLAIN token on loopback, CURVE elsewhere).
+        warm_up: run on the worker thread before the daemon says it is ready, so that the
+        threads a job needs (its OpenMP team: runtime.py) exist before the first job; a job
+        short of memory then fails with an error instead of failing to start a thread."""
         self.endpoint = endpoint
         self.kind = keys.endpoint_kind(endpoint)
         if self.kind != "ipc" and server_keys is None:
@@ -168,6 +172,9 @@ class Server:
         self._running_lock = threading.Lock()  # 'cancelled: true' and the job's end agree
         self._started = time.monotonic()
         self._out_addr = f"inproc://healdust-out-{id(self)}"
+        self._warm_up = warm_up
+        self._warmed = threading.Event()
+        self._warm_error: BaseException | None = None
 
     # -- replies --------------------------------------------------------------------
     @staticmethod
@@ -217,12 +224,15 @@ class Server:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._stop.set())
-        if ready:
-            ready(self.endpoint)
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(inbox, zmq.POLLIN)
         try:
+            self._warmed.wait()
+            if self._warm_error is not None:
+                raise self._warm_error
+            if ready:
+                ready(self.endpoint)
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
                 if inbox in events:
@@ -362,12 +372,11 @@ class Server:
         if len(data) > self.limits.max_model_bytes:
             raise ProtocolError("too_large", f"model file over {self.limits.max_model_bytes} bytes")
         data = data.bytes if hasattr(data, "bytes") else bytes(data)
-        # The check builds the model here, on the I/O thread, which may leave this thread an
-        # OpenMP team (runtime.py). On a short-lived thread it raised the daemon's peak under
-        # the fuzz test from 25-27 MB to 44-53 MB (the test allows 50), so it stays here for now.
+        # The check compares names, shapes and types only (store.py): no tensor work on this
+        # thread, which would leave it an OpenMP team beside the worker's (runtime.py).
         try:
             name = self.pipeline.store.import_bytes(data, name, self.pipeline.base, self.pipeline.base_meta)
-        finally:  # hand back what the check freed
+        finally:  # hand back what the check read
             release_freed_memory()
         self.pipeline.forget(name)
         return {"name": name}, None
@@ -419,6 +428,15 @@ class Server:
                                                                      "position": ahead}))
 
     def _worker(self) -> None:
+        try:
+            if self._warm_up is not None:
+                self._warm_up()
+                release_freed_memory()
+        except BaseException as e:  # raised by serve()
+            self._warm_error = e
+            return
+        finally:
+            self._warmed.set()
         out = self.ctx.socket(zmq.PUSH)
         out.connect(self._out_addr)
         try:

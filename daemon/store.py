@@ -132,20 +132,34 @@ class ModelStore:
         return self._build(p, tensors, meta, base, base_meta), meta
 
     @staticmethod
-    def _build(p: Path, tensors: dict, meta: dict, base: DustModel, base_meta: dict) -> DustModel:
+    def _check(p: Path, tensors: dict, meta: dict, base: DustModel, base_meta: dict) -> None:
+        """Whether the file's tensors fit the base model, by names, shapes and types alone.
+
+        Nothing here computes with tensors, so the daemon's I/O thread can check an import
+        without starting an OpenMP team of its own (runtime.py: a second team on the same
+        cores slows every later job)."""
         check_meta(meta, p)
         if not same_architecture(meta["config"], base.cfg.to_dict()):
             c = meta["config"]
             raise WeightsError(f"model file {p} was made for {encoder_name(c)} widths {c.get('widths')}, "
                                f"the base model is {encoder_name(base.cfg.to_dict())} widths {list(base.cfg.widths)}")
-        model = copy.deepcopy(base).cpu()
         if meta.get("mode") == "transfer":
             if meta.get("base") != base_meta.get("id"):
                 raise WeightsError(f"model file {p} was fine-tuned from base {meta.get('base')!r}, "
                                    f"this healdust ships {base_meta.get('id')!r}; fine-tune it again")
-            expected = model.trainable_state()
-            if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in tensors):
-                raise WeightsError(f"model file {p} does not hold a decoder for this architecture")
+            expected, what = base.trainable_state(), "does not hold a decoder for this architecture"
+        else:
+            expected, what = base.state_dict(), "does not fit this architecture"
+        if set(tensors) != set(expected) or any(
+                tensors[k].shape != expected[k].shape or tensors[k].dtype.is_floating_point
+                != expected[k].dtype.is_floating_point for k in tensors):
+            raise WeightsError(f"model file {p} {what}")
+
+    @classmethod
+    def _build(cls, p: Path, tensors: dict, meta: dict, base: DustModel, base_meta: dict) -> DustModel:
+        cls._check(p, tensors, meta, base, base_meta)
+        model = copy.deepcopy(base).cpu()
+        if meta.get("mode") == "transfer":
             model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items()})
             model.freeze_encoder()
         else:
@@ -216,7 +230,7 @@ class ModelStore:
             except WeightsError as e:  # name the file as the user knows it, not our temporary copy
                 raise WeightsError(str(e).replace(tmp, "the imported model file")) from None
             if base is not None:
-                self._build(Path("(imported file)"), tensors, meta, base, base_meta or {})
+                self._check(Path("(imported file)"), tensors, meta, base, base_meta or {})
             elif meta.get("kind") != "finetuned":
                 raise WeightsError("the imported file is not a fine-tuned healdust model")
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -220,7 +221,11 @@ def test_saved_model_reused_without_markers(daemon):
         s = score_masks(_result_image(ev2, "mask")[:, :, 0] > 0, truth)
         assert s.spot_recall >= 0.5, s.as_dict()
         blob = c.call("models.export", {"name": "cam-a"}).buffers[0]
+        threads = _threads(daemon.proc.pid)
         assert c.call("models.import", {"name": "cam-b"}, [bytes(blob)]).get("name") == "cam-b"
+        # the import's check does no tensor work on the I/O thread, so it starts no second
+        # OpenMP team there (runtime.py: that slows every later job)
+        assert _threads(daemon.proc.pid) == threads
         assert c.call("models.show", {"name": "cam-b"}).get("model")["base"]
         with pytest.raises(RemoteError) as e:
             c.call("models.import", {"name": "junk"}, [b"not a model at all"])
@@ -229,6 +234,10 @@ def test_saved_model_reused_without_markers(daemon):
         with pytest.raises(RemoteError) as e:
             c.call("models.show", {"name": "cam-b"})
         assert e.value.code == "not_found"
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def test_scratch_without_markers_is_a_clear_error(daemon):

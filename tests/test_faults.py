@@ -59,7 +59,9 @@ def _vm_bytes(pid: int) -> int:
 
 
 def test_a_job_out_of_memory_fails_alone(tmp_path):
-    d = DaemonProcess(tmp_path / "home")
+    # 1024² tiles: each activation of a tile is over 100 MB, so the work cannot fit in the
+    # room left below (a 512² tile's work did, now and then)
+    d = DaemonProcess(tmp_path / "home", args=("--tile", "1024"))
     try:
         pixels = np.zeros((3000, 4000, 3), np.uint8)  # 36 MB in; the work needs several times that
         desc = ImageDesc.packed(4000, 3000, "RGB", "u8").to_dict()

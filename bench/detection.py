@@ -68,12 +68,34 @@ def parse_ft(text: str) -> FineTuneConfig:
     return dataclasses.replace(FineTuneConfig(), **changes)
 
 
+# true spots below this many pixels count as small in the recall-by-size table
+SMALL_SPOT = 6
+
+
+def recall_by_size(mask: np.ndarray, truth: np.ndarray, tolerance: int = 2) -> np.ndarray:
+    """[small found, small, larger found, larger]: true spots (8-connected components of
+    ``truth``) under / from ``SMALL_SPOT`` px, found as ``score_masks`` finds them (a
+    detected pixel within ``tolerance`` px)."""
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
+    near = cv2.dilate(mask.astype(np.uint8), k).ravel()
+    n, lab, st, _ = cv2.connectedComponentsWithStats(truth.astype(np.uint8), connectivity=8)
+    if n < 2:
+        return np.zeros(4, np.int64)
+    hit = np.bincount(lab.ravel(), weights=near, minlength=n)[1:] > 0
+    small = st[1:, cv2.CC_STAT_AREA] < SMALL_SPOT
+    return np.array([(hit & small).sum(), small.sum(), (hit & ~small).sum(), (~small).sum()], np.int64)
+
+
 def score_detection(model, img: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
-                    dust: list | None = None, device="cpu", precision: str = "auto"):
+                    dust: list | None = None, device="cpu", precision: str = "auto",
+                    sizes: np.ndarray | None = None):
     """Detect on one crop and score the mask as the daemon would decide it (the marked
-    spots join the mask when there are markers). The one place the benches score a crop."""
+    spots join the mask when there are markers). The one place the benches score a crop.
+    ``sizes``, if given, accumulates ``recall_by_size``."""
     prob = predict_proba(model, img, "RGB", device, precision=precision)
     mask, _ = decide_mask(prob, threshold, img if dust else None, "RGB", dust)
+    if sizes is not None:
+        sizes += recall_by_size(mask, truth)
     return score_masks(mask, truth)
 
 
@@ -107,22 +129,25 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"transfer", "scratch"}:
         raise SystemExit("--modes: transfer and/or scratch")
-    rows, curves, ft_times = [], {}, {m: [] for m in modes}
+    rows, curves, ft_times, sizes = [], {}, {m: [] for m in modes}, {}
     t_all = time.monotonic()
     for kind in ("film", "sensor"):
         rng = np.random.default_rng([args.seed, 0 if kind == "film" else 1])
         cases = [make_case(photos[i % len(photos)], kind, rng, args.size, stamps) for i in range(args.images)]
         scores = {("base", 0): empty_scores()}
+        sizes[(kind, "base", 0)] = np.zeros(4, np.int64)
         for img, truth in cases:
             scores[("base", 0)] = scores[("base", 0)].add(
-                score_detection(base, img, truth, device=device, precision=args.precision))
+                score_detection(base, img, truth, device=device, precision=args.precision,
+                                sizes=sizes[(kind, "base", 0)]))
             for n in MARKER_COUNTS:
                 dust = pick_markers(truth, n, rng)
                 for mode in modes:
                     res = fine_tune(base, img, "RGB", dust, mode=mode, device=device, cfg=cfg)
                     key = (mode, n)
                     scores[key] = scores.get(key, empty_scores()).add(
-                        score_detection(res.model, img, truth, res.threshold, dust, device, args.precision))
+                        score_detection(res.model, img, truth, res.threshold, dust, device, args.precision,
+                                        sizes.setdefault((kind, mode, n), np.zeros(4, np.int64))))
                     if n == 5:
                         ft_times[mode].append(res.seconds)
                         curves.setdefault((kind, mode), []).append(res.losses)
@@ -142,6 +167,14 @@ def main(argv=None) -> int:
     for kind, mode, n, s in sorted(rows, key=lambda r: (r[0], r[2], order[r[1]])):
         print(f"| {kind} | {mode} | {n} | {s.spot_precision:.3f} | {s.spot_recall:.3f} | {s.spot_f1:.3f} | "
               f"{s.pixels.precision:.3f} | {s.pixels.recall:.3f} | {s.pixels.f1:.3f} |")
+    print(f"\nSpot recall by size (true spots under {SMALL_SPOT} px against the rest)\n")
+    lo, hi = f"< {SMALL_SPOT} px", f"≥ {SMALL_SPOT} px"
+    print(f"| damage | model | markers | share of spots {lo} | recall {lo} | recall {hi} |")
+    print("|---|---|---|---|---|---|")
+    for kind, mode, n, _ in sorted(rows, key=lambda r: (r[0], r[2], order[r[1]])):
+        hs, ns, hb, nb = sizes[(kind, mode, n)]
+        print(f"| {kind} | {mode} | {n} | {ns / max(1, ns + nb):.2f} | "
+              f"{hs / ns if ns else float('nan'):.3f} | {hb / nb if nb else float('nan'):.3f} |")
     for mode, ts in ft_times.items():
         print(f"\nfine-tune, 5 markers, {mode}: median {np.median(ts):.1f} s (min {min(ts):.1f}, max {max(ts):.1f})")
     steps_per_epoch = max(1, (5 * cfg.offsets_per_marker + cfg.negative_crops) * 8 // cfg.batch)

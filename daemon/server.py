@@ -457,7 +457,7 @@ class Server:
                 if late and type_ != "cancelled":  # its client was told 'cancelled: true' meanwhile
                     type_, fields, buffers = "cancelled", {}, None
                 # sent after 'running' is cleared: a client that saw the reply sees an idle daemon
-                self._push(out, job, type_, fields, buffers)
+                self._push_final(out, job, type_, fields, buffers)
                 del job, fields, buffers
                 if not len(self.queue):  # idle: hand back what the heaps kept for reuse
                     release_freed_memory()
@@ -467,6 +467,23 @@ class Server:
     def _push(self, out: zmq.Socket, job: Job, type_: str, fields: dict, buffers: list | None = None) -> None:
         """From the worker to the I/O loop, which forwards it to the job's client."""
         out.send_multipart([job.client, *self._frames(job.rid, type_, fields, buffers)], copy=False)
+
+    def _push_final(self, out: zmq.Socket, job: Job, type_: str, fields: dict, buffers: list | None) -> None:
+        """The job's final reply; if it cannot be sent (short of memory for the frames, or a
+        thread that zero-copy sending needs), the client gets an error instead, and the
+        worker goes on serving whatever happens."""
+        try:
+            self._push(out, job, type_, fields, buffers)
+            return
+        except Exception as e:
+            log.error("could not send the reply to job %s: %s", job.rid, e)
+            oom = isinstance(e, (MemoryError, _oom_error())) or (isinstance(e, RuntimeError) and _is_oom(e))
+            code, message = (("out_of_memory", "out of memory while sending the result; try a smaller image")
+                             if oom else ("internal", f"internal error sending the result: {type(e).__name__}: {e}"))
+        try:
+            self._push(out, job, "error", {"code": code, "message": message})
+        except Exception as e:  # nothing more can be done for this client; keep serving the others
+            log.error("could not send an error to job %s either: %s", job.rid, e)
 
     def _run(self, out: zmq.Socket, job: Job) -> tuple[str, dict, list | None]:
         """Run one job, streaming its progress; returns its final reply."""
@@ -526,8 +543,9 @@ def _is_oom(e: BaseException) -> bool:
     """torch reports a failed CPU allocation as a RuntimeError, not as MemoryError."""
     text = str(e).lower()
     # oneDNN says "could not create a primitive" when its workspace allocation fails
+    # and Python's threading "can't start new thread" when a thread's stack cannot be mapped
     return any(w in text for w in ("can't allocate memory", "out of memory", "bad_alloc",
-                                   "could not create a primitive"))
+                                   "could not create a primitive", "can't start new thread"))
 
 
 def _oom_error() -> type[BaseException]:

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from healdust import synth
+from healdust import pipeline, synth
 from healdust.metrics import empty_scores, score_masks
 from healdust.model.finetune import FineTuneConfig, fine_tune
 from healdust.model.infer import predict_proba, use_bf16
@@ -115,9 +115,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ft", default="", metavar="KEY=VALUE,...",
                     help="fine-tune settings over the defaults, e.g. distill=1.0,negative_crops=32")
     ap.add_argument("--modes", default="transfer,scratch", help="fine-tune modes to run (comma-separated)")
+    ap.add_argument("--max-dust-fraction", type=float, default=None, metavar="F",
+                    help=f"the mask's cap as the daemon's (default {pipeline.MAX_DUST_FRACTION}; 1 = none)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.max_dust_fraction is not None:
+        pipeline.MAX_DUST_FRACTION = args.max_dust_fraction
     base, meta = load_base_model(args.base, device=device)
     photos = [synth.load_photo(p, 1600) for p in synth.list_photos(args.photos)]
     if not photos:
@@ -160,7 +164,8 @@ def main(argv=None) -> int:
           f"{platform.machine()}, {torch.get_num_threads()} threads, {device}, "
           f"{'bf16' if use_bf16(device, args.precision) else 'fp32'} detection; "
           f"fine-tune at most {cfg.steps_transfer} steps (transfer) / {cfg.steps_scratch} (scratch)"
-          f"{'; settings ' + args.ft if args.ft else ''}\n")
+          f"{'; settings ' + args.ft if args.ft else ''}; mask capped at "
+          f"{pipeline.MAX_DUST_FRACTION:.0%} of a crop\n")
     print("| damage | model | markers | spot P | spot R | spot F1 | pixel P | pixel R | pixel F1 |")
     print("|---|---|---|---|---|---|---|---|---|")
     order = {"base": 0, "transfer": 1, "scratch": 2}

@@ -313,3 +313,31 @@ def test_sigint_shuts_down_cleanly(tmp_path):
     with Client(d.endpoint) as c:
         assert c.hello()["protocol"] == 1
     assert d.stop(signal.SIGINT) == 0
+
+
+def _status_mb(pid: int, key: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def test_memory_a_job_used_is_given_back_once_the_daemon_is_idle(daemon):
+    """The daemon keeps freed memory for reuse during a job (runtime.keep_freed_memory)
+    and hands it back when its queue is empty, so an idle daemon stays small."""
+    img = (np.random.default_rng(0).random((1500, 2000, 3)) * 255).astype(np.uint8)
+    pid = daemon.proc.pid
+    with Client(daemon.endpoint, timeout=120) as c:
+        c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])  # the heap settles
+        time.sleep(1.0)
+        before = _status_mb(pid, "VmRSS")
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # restart the peak (VmHWM) from now
+        c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])
+        peak = _status_mb(pid, "VmHWM")
+        time.sleep(1.0)
+        after = _status_mb(pid, "VmRSS")
+    summary = f"RSS {before:.0f} MB before the job, peak {peak:.0f} MB, {after:.0f} MB after"
+    assert peak - after > 60, summary  # most of what the job used was handed back
+    assert after - before < 30, summary

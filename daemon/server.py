@@ -431,6 +431,7 @@ class Server:
         try:
             if self._warm_up is not None:
                 self._warm_up()
+                self._start_zero_copy_helper()
                 release_freed_memory()
         except BaseException as e:  # raised by serve()
             self._warm_error = e
@@ -463,6 +464,21 @@ class Server:
                     release_freed_memory()
         finally:
             out.close(linger=2000)
+
+    def _start_zero_copy_helper(self) -> None:
+        """pyzmq hands zero-copy buffers back through a thread (and a ZMQ context) of its
+        own, which the first large zero-copy send starts: start it now, with the warm-up,
+        rather than inside the first job that replies with pixels."""
+        a, b = self.ctx.socket(zmq.PAIR), self.ctx.socket(zmq.PAIR)
+        try:
+            addr = f"inproc://healdust-warm-{id(self)}"
+            b.bind(addr)
+            a.connect(addr)
+            a.send(bytearray(1 << 17), copy=False)
+            b.recv(copy=False)
+        finally:
+            a.close(0)
+            b.close(0)
 
     def _push(self, out: zmq.Socket, job: Job, type_: str, fields: dict, buffers: list | None = None) -> None:
         """From the worker to the I/O loop, which forwards it to the job's client."""

@@ -16,7 +16,7 @@ from healdust.metrics import score_masks
 from healdust.protocol import ImageDesc, keys
 from healdust.protocol.client import Client, JobCancelled, RemoteError
 
-from .conftest import dusty_image, markers_for, to_u8, to_u16
+from .conftest import DaemonProcess, dusty_image, markers_for, to_u8, to_u16
 
 
 def _img_fields(pixels: np.ndarray, order: str, dtype: str, frame: int = 1) -> dict:
@@ -341,3 +341,19 @@ def test_memory_a_job_used_is_given_back_once_the_daemon_is_idle(daemon):
     summary = f"RSS {before:.0f} MB before the job, peak {peak:.0f} MB, {after:.0f} MB after"
     assert peak - after > 60, summary  # most of what the job used was handed back
     assert after - before < 30, summary
+
+
+def test_the_daemon_starts_every_thread_before_it_says_ready(tmp_path):
+    """Threads are started with the warm-up (the worker's OpenMP team, pyzmq's zero-copy
+    helper), not inside a job, where one that cannot start would cost the job."""
+    d = DaemonProcess(tmp_path / "home")
+    try:
+        img = (np.random.default_rng(1).random((800, 1000, 3)) * 255).astype(np.uint8)
+        with Client(d.endpoint, timeout=120) as c:
+            c.hello()
+            threads = _threads(d.proc.pid)
+            ev = c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])
+            assert _result_image(ev, "mask").shape[:2] == (800, 1000)  # a reply of 800 kB, zero-copy
+            assert _threads(d.proc.pid) == threads
+    finally:
+        d.stop()

@@ -21,7 +21,7 @@ import torch
 
 from healdust import synth
 from healdust.imageio import to_float
-from healdust.model.finetune import _disc, dust_inside_marker
+from healdust.model.finetune import disc_mask, dust_inside_marker
 from healdust.model.infer import predict_proba
 from healdust.store import load_base_model
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             prob = predict_proba(base, img, "RGB", precision="fp32")
             rgb = to_float(img)
             for x, y, r in pick_markers(truth, 5, rng):
-                disc = _disc(truth.shape, y, x, r)
+                disc = disc_mask(truth.shape, y, x, r)
                 t = truth & disc
                 for helped in (True, False):
                     d = dust_inside_marker(rgb, y, x, r, prob if helped else None) & disc

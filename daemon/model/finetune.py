@@ -74,7 +74,7 @@ def _crop(img: np.ndarray, cy: int, cx: int, size: int) -> tuple[np.ndarray, int
     return win, y0, x0
 
 
-def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+def disc_mask(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
     yy, xx = np.ogrid[:shape[0], :shape[1]]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
 
@@ -105,12 +105,12 @@ def dust_inside_marker(rgb: np.ndarray, cy: float, cx: float, r: float,
     dust. The chosen part is joined with what the base model calls dust in the circle.
     """
     h, w = rgb.shape[:2]
-    disc = _disc((h, w), cy, cx, r)
+    disc = disc_mask((h, w), cy, cx, r)
     k = int(min(31, max(5, 2 * round(r) + 1)))
     k += 1 - k % 2
     bg = cv2.medianBlur(np.ascontiguousarray((rgb * 255).clip(0, 255).astype(np.uint8)), k)
     signed = (rgb - bg.astype(np.float32) / 255).mean(axis=2)
-    core = _disc((h, w), cy, cx, max(1.5, r / 2)) & disc
+    core = disc_mask((h, w), cy, cx, max(1.5, r / 2)) & disc
     core_polarity = 1.0 if core.any() and np.median(signed[core]) > 0 else -1.0
     yy, xx = np.ogrid[:h, :w]
     centre_dist = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2).ravel()
@@ -145,7 +145,7 @@ def dust_inside_marker(rgb: np.ndarray, cy: float, cx: float, r: float,
     if seen is not None:
         dust |= seen
     if not dust.any():  # nothing stands out: trust the user, take the core of the circle
-        dust = _disc((h, w), cy, cx, max(1.0, r / 3))
+        dust = disc_mask((h, w), cy, cx, max(1.0, r / 3))
     return dust
 
 
@@ -199,13 +199,13 @@ def build_training_set(base: DustModel | None, image: np.ndarray, order: str,
         for (x, y, r) in dust:
             lx, ly = x - x0, y - y0
             if -r <= lx < C + r and -r <= ly < C + r:
-                disc = _disc((C, C), ly, lx, r)
+                disc = disc_mask((C, C), ly, lx, r)
                 d = dust_inside_marker(rgb, ly, lx, r, prob)
                 weight[disc] = 1.0
                 target[disc] = d[disc]
         for (x, y, r) in not_dust:
             lx, ly = x - x0, y - y0
-            disc = _disc((C, C), ly, lx, r)
+            disc = disc_mask((C, C), ly, lx, r)
             weight[disc] = 2.0
             target[disc] = 0.0
         for k in range(8):

@@ -19,10 +19,11 @@ libgomp manages more threads than there are CPUs, its threads stop spinning at b
 and sleep instead, and every one of the thousands of small parallel regions in a tile
 waits for a wake-up: detection on the daemon's worker measured 20–25 % slower (CPU use
 1.6 of 2 cores instead of 2.0) once the main thread had loaded the model, and as fast as
-in-process when only one thread ever ran torch. So the daemon loads and warms its model
-on a short-lived thread (``on_short_thread``), whose team ends with it, and its worker is
-the one long-lived thread that runs torch. (A ``models.import`` is checked on the I/O
-thread by names, shapes and types alone, with no tensor work: ``ModelStore._check``.)
+in-process when only one thread ever ran torch. So the daemon loads its model on a
+short-lived thread (``on_short_thread``), whose team ends with it, and warms up on its
+worker (``Server(warm_up=...)``), the one long-lived thread that runs torch, which so has
+its team before the first job. (A ``models.import`` is checked on the I/O thread by
+names, shapes and types alone, with no tensor work: ``ModelStore._check``.)
 """
 
 from __future__ import annotations

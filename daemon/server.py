@@ -493,9 +493,10 @@ class Server:
             return
         except Exception as e:
             log.error("could not send the reply to job %s: %s", job.rid, e)
-            oom = isinstance(e, (MemoryError, _oom_error())) or (isinstance(e, RuntimeError) and _is_oom(e))
-            code, message = (("out_of_memory", "out of memory while sending the result; try a smaller image")
-                             if oom else ("internal", f"internal error sending the result: {type(e).__name__}: {e}"))
+            if _is_oom(e):
+                code, message = "out_of_memory", "out of memory while sending the result; try a smaller image"
+            else:
+                code, message = "internal", f"internal error sending the result: {type(e).__name__}: {e}"
         try:
             self._push(out, job, "error", {"code": code, "message": message})
         except Exception as e:  # nothing more can be done for this client; keep serving the others
@@ -539,7 +540,7 @@ class Server:
         except WeightsError as e:
             return "error", {"code": "bad_model", "message": str(e)}, None
         except Exception as e:
-            if isinstance(e, (MemoryError, _oom_error())) or (isinstance(e, RuntimeError) and _is_oom(e)):
+            if _is_oom(e):
                 log.error("out of memory: %s", e)
                 return "error", {"code": "out_of_memory",
                                  "message": "out of memory on this image; try a smaller tile size "
@@ -556,7 +557,12 @@ def _private_ipc(endpoint: str) -> None:
 
 
 def _is_oom(e: BaseException) -> bool:
-    """torch reports a failed CPU allocation as a RuntimeError, not as MemoryError."""
+    """Whether ``e`` means the job ran out of memory. torch reports a failed CPU
+    allocation as a RuntimeError, not as MemoryError."""
+    if isinstance(e, (MemoryError, _oom_error())):
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
     text = str(e).lower()
     # oneDNN says "could not create a primitive" when its workspace allocation fails
     # and Python's threading "can't start new thread" when a thread's stack cannot be mapped

@@ -17,6 +17,7 @@ from healdust.protocol import ImageDesc, keys
 from healdust.protocol.client import Client, JobCancelled, RemoteError
 
 from .conftest import DaemonProcess, dusty_image, markers_for, to_u8, to_u16
+from .stress import proc_status_kb
 
 
 def _img_fields(pixels: np.ndarray, order: str, dtype: str, frame: int = 1) -> dict:
@@ -315,14 +316,6 @@ def test_sigint_shuts_down_cleanly(tmp_path):
     assert d.stop(signal.SIGINT) == 0
 
 
-def _status_mb(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
 def test_memory_a_job_used_is_given_back_once_the_daemon_is_idle(daemon):
     """The daemon keeps freed memory for reuse during a job (runtime.keep_freed_memory)
     and hands it back when its queue is empty, so an idle daemon stays small."""
@@ -331,13 +324,13 @@ def test_memory_a_job_used_is_given_back_once_the_daemon_is_idle(daemon):
     with Client(daemon.endpoint, timeout=120) as c:
         c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])  # the heap settles
         time.sleep(1.0)
-        before = _status_mb(pid, "VmRSS")
+        before = proc_status_kb(pid, "VmRSS") / 1024
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")  # restart the peak (VmHWM) from now
         c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])
-        peak = _status_mb(pid, "VmHWM")
+        peak = proc_status_kb(pid, "VmHWM") / 1024
         time.sleep(1.0)
-        after = _status_mb(pid, "VmRSS")
+        after = proc_status_kb(pid, "VmRSS") / 1024
     summary = f"RSS {before:.0f} MB before the job, peak {peak:.0f} MB, {after:.0f} MB after"
     assert peak - after > 60, summary  # most of what the job used was handed back
     assert after - before < 30, summary

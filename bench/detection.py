@@ -139,11 +139,10 @@ def main(argv=None) -> int:
         rng = np.random.default_rng([args.seed, 0 if kind == "film" else 1])
         cases = [make_case(photos[i % len(photos)], kind, rng, args.size, stamps) for i in range(args.images)]
         scores = {("base", 0): empty_scores()}
-        sizes[(kind, "base", 0)] = np.zeros(4, np.int64)
         for img, truth in cases:
             scores[("base", 0)] = scores[("base", 0)].add(
                 score_detection(base, img, truth, device=device, precision=args.precision,
-                                sizes=sizes[(kind, "base", 0)]))
+                                sizes=sizes.setdefault((kind, "base", 0), np.zeros(4, np.int64))))
             for n in MARKER_COUNTS:
                 dust = pick_markers(truth, n, rng)
                 for mode in modes:

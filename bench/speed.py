@@ -5,8 +5,9 @@
 For each size and bit depth: detection and healing time per megapixel with the base model
 (in-process), the same heal through a real daemon on loopback (the ratio of the two is the
 transport overhead), the daemon's peak resident memory (VmHWM, one fresh daemon per image
-size), and the fine-tune time for 5 markers. ``--repeat N`` runs each job N times both
-ways, alternating, and prints the fastest of each. Images are the bundled sample resized up,
+size) and its healing worker processes' (the sum of each one's peak), and the fine-tune
+time for 5 markers. ``--repeat N`` runs each job N times both ways, alternating, and
+prints the fastest of each. Images are the bundled sample resized up,
 with synthetic film dust (about 0.2 % of pixels).
 """
 
@@ -86,6 +87,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (its healing workers)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -136,7 +149,8 @@ def main(argv=None) -> int:
                     assert ev.get("spots") == res.spots
                 gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
                 rows.append((mp, depth, w * h / 1e6, best["detect"], best["heal"], local, remote,
-                             peak_rss_mb(daemon.pid), res.spots, gpu_mb))
+                             peak_rss_mb(daemon.pid), sum(peak_rss_mb(c) for c in child_pids(daemon.pid)),
+                             res.spots, gpu_mb))
                 print(f"# {w}x{h} {depth}-bit done", file=sys.stderr)
                 del img, res, ev
         finally:
@@ -155,11 +169,11 @@ def main(argv=None) -> int:
           f"{where}, precision {args.precision} ({arith}), tile {pipe.tile}; base model, no markers; "
           f"fastest of {args.repeat} run(s) each way\n")
     print("| image | depth | MP | detect s/MP | heal s/MP | in-process s | via daemon s | daemon overhead "
-          "| daemon peak RSS MB |" + (" peak GPU MB (in-process) |" if cuda else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
-    for mp, depth, real_mp, det, heal, local, remote, rss, _spots, gpu_mb in rows:
+          "| daemon peak RSS MB | + workers MB |" + (" peak GPU MB (in-process) |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    for mp, depth, real_mp, det, heal, local, remote, rss, workers_rss, _spots, gpu_mb in rows:
         print(f"| {mp:g} MP | {depth}-bit | {real_mp:.1f} | {det / real_mp:.2f} | {heal / real_mp:.3f} | "
-              f"{local:.1f} | {remote:.1f} | {100 * (remote / local - 1):+.0f} % | {rss:.0f} |"
+              f"{local:.1f} | {remote:.1f} | {100 * (remote / local - 1):+.0f} % | {rss:.0f} | {workers_rss:.0f} |"
               + (f" {gpu_mb:.0f} |" if cuda else ""))
     print(f"\nfine-tune on {len(dust)} markers (transfer): {ft.seconds:.1f} s, {ft.steps} steps")
     return 0

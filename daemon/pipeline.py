@@ -210,7 +210,8 @@ def count_spots(mask: np.ndarray) -> int:
 
 
 def heal_pixels(image: np.ndarray, order: str, mask: np.ndarray, progress=None, check_cancel=None,
-                components: MaskComponents | None = None, workers: int | None = None) -> np.ndarray:
+                components: MaskComponents | None = None, workers: int | None = None,
+                processes: bool = True) -> np.ndarray:
     """Heal the colour channels under ``mask``; alpha and unmasked pixels stay bit-identical.
 
     ``mask`` is HxW, nonzero on dust. Besides the returned copy of the image only windows
@@ -218,7 +219,7 @@ def heal_pixels(image: np.ndarray, order: str, mask: np.ndarray, progress=None, 
     """
     out = image.copy()
     heal_into(image, mask, out, color_channels(order), components, progress=progress,
-              check_cancel=check_cancel, workers=workers)
+              check_cancel=check_cancel, workers=workers, processes=processes)
     return out
 
 

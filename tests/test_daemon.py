@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -306,8 +307,6 @@ def test_queue_limits_bytes_and_says_which_limit():
 
 
 def test_sigint_shuts_down_cleanly(tmp_path):
-    import signal
-
     from .conftest import DaemonProcess
 
     d = DaemonProcess(tmp_path)
@@ -336,17 +335,48 @@ def test_memory_a_job_used_is_given_back_once_the_daemon_is_idle(daemon):
     assert after - before < 30, summary
 
 
-def test_the_daemon_starts_every_thread_before_it_says_ready(tmp_path):
-    """Threads are started with the warm-up (the worker's OpenMP team, pyzmq's zero-copy
-    helper), not inside a job, where one that cannot start would cost the job."""
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out |= {int(c) for c in f.read().split()}
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_daemon_starts_every_thread_and_process_before_it_says_ready(tmp_path):
+    """Threads and healing processes are started with the warm-up (the worker's OpenMP
+    team, pyzmq's zero-copy helper, the healing workers), not inside a job, where one that
+    cannot start would cost the job; and the healing workers end with a killed daemon."""
+    from healdust.heal import default_workers
+
     d = DaemonProcess(tmp_path / "home")
     try:
-        img = (np.random.default_rng(1).random((800, 1000, 3)) * 255).astype(np.uint8)
+        clean, dusty, core = dusty_image(256, seed=4, count=30)
+        img = to_u8(dusty)
+        mask = cv2.dilate(core.astype(np.uint8), np.ones((5, 5), np.uint8))[:, :, None] * 255
+        big = (np.random.default_rng(1).random((800, 1000, 3)) * 255).astype(np.uint8)
         with Client(d.endpoint, timeout=120) as c:
             c.hello()
-            threads = _threads(d.proc.pid)
-            ev = c.call("detect", {"image": _img_fields(img, "RGB", "u8")}, [img])
+            threads, workers = _threads(d.proc.pid), _children(d.proc.pid)
+            assert len(workers) == (default_workers() if default_workers() > 1 else 0)
+            ev = c.call("detect", {"image": _img_fields(big, "RGB", "u8")}, [big])
             assert _result_image(ev, "mask").shape[:2] == (800, 1000)  # a reply of 800 kB, zero-copy
+            ev = c.call("inpaint", {"image": _img_fields(img, "RGB", "u8"),
+                                    "mask": _img_fields(mask, "GRAY", "u8", 2)}, [img, mask])
+            assert not np.array_equal(_result_image(ev, "healed"), img)
             assert _threads(d.proc.pid) == threads
+            assert _children(d.proc.pid) == workers
     finally:
-        d.stop()
+        d.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers), "healing workers outlived the killed daemon"

@@ -158,7 +158,7 @@ def test_cancel_propagates() -> None:
 
 
 
-def test_the_same_pixels_on_any_number_of_threads() -> None:
+def test_the_same_pixels_on_any_number_of_threads_or_processes() -> None:
     from healdust.heal import heal_into
 
     img = textured(320, 300, seed=5)
@@ -168,20 +168,20 @@ def test_the_same_pixels_on_any_number_of_threads() -> None:
     mask |= dust
     image16 = np.round(np.clip(dusty, 0, 1) * 65535).astype(np.uint16)
     outs = []
-    for workers in (1, 2, 3):
+    for workers, processes in ((1, False), (2, False), (3, False), (2, True), (3, True)):
         out = image16.copy()
-        heal_into(image16, mask, out, workers=workers)
+        heal_into(image16, mask, out, workers=workers, processes=processes)
         outs.append(out)
     assert not np.array_equal(outs[0], image16)
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
-def test_an_error_in_a_worker_stops_the_heal_and_leaves_no_thread(monkeypatch) -> None:
+def test_an_error_in_a_thread_stops_the_heal_and_leaves_no_thread(monkeypatch) -> None:
     import threading
 
     import healdust.heal as heal
 
-    real = heal._heal_piece
+    real = heal._repair
     calls = []
 
     def failing(*args):
@@ -190,11 +190,42 @@ def test_an_error_in_a_worker_stops_the_heal_and_leaves_no_thread(monkeypatch) -
             raise MemoryError("no room for this piece")
         return real(*args)
 
-    monkeypatch.setattr(heal, "_heal_piece", failing)
+    monkeypatch.setattr(heal, "_repair", failing)
     img = textured(128, 128)
     with pytest.raises(MemoryError, match="no room"):
-        heal.heal_into(img, specks_mask(128, 128, count=40), img.copy(), workers=2)
+        heal.heal_into(img, specks_mask(128, 128, count=40), img.copy(), workers=2, processes=False)
     assert not [t for t in threading.enumerate() if t.name.startswith("healdust-heal")]
+
+
+def test_a_killed_worker_process_loses_no_piece() -> None:
+    """A worker killed in the middle of a heal (the OOM killer, a user): its pieces are
+    repaired in the calling process, the image comes out the same, and the next heal
+    gets new workers."""
+    import os
+    import signal
+
+    import healdust.heal as heal
+
+    img = textured(320, 300, seed=7)
+    mask = specks_mask(320, 300, count=60) | hair_mask(320, 300)
+    pool = heal.shared_pool(2)
+    victim = pool.pids[0]
+    calls = []
+
+    def kill_once() -> None:
+        calls.append(1)
+        if len(calls) == 10:
+            os.kill(victim, signal.SIGKILL)
+
+    out = img.copy()
+    heal.heal_into(img, mask, out, workers=2, check_cancel=kill_once)
+    ref = img.copy()
+    heal.heal_into(img, mask, ref, workers=1)
+    assert np.array_equal(out, ref)
+    assert pool.broken
+    fresh = heal.shared_pool(2)
+    assert fresh is not pool and not fresh.broken and victim not in fresh.pids
+
 
 def test_progress_runs_from_zero_to_one() -> None:
     seen: list[float] = []

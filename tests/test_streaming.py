@@ -259,10 +259,12 @@ def test_healing_memory_does_not_grow_with_the_image():
     assert large < small + 1_000_000, f"4 MP: {small / 1e6:.1f} MB, 16 MP: {large / 1e6:.1f} MB beyond the copy"
 
 
-def test_healing_on_threads_holds_at_most_one_piece_per_thread():
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_healing_in_parallel_holds_at_most_one_piece_per_worker(processes):
     """With several threads, each holds the float window of the one piece it repairs and
-    the queue holds only the pieces' mask boxes: the peak beyond the copy stays within
-    one single-thread peak per thread, at 16 MP as at 4 MP, whichever pieces overlap."""
+    the queue holds only the pieces' mask boxes; with worker processes, this process
+    holds only the windows of the pieces in flight: the peak beyond the copy stays within
+    one single-thread peak per worker, at 16 MP as at 4 MP, whichever pieces overlap."""
     spots = specks_mask(400, 400, seed=5, count=24)
     spots[100:104, 20:380] = True
     spots[300:304, 20:380] = True  # long scratches: many pieces, several in flight at once
@@ -274,7 +276,7 @@ def test_healing_on_threads_holds_at_most_one_piece_per_thread():
         mask = np.zeros((side, side), np.uint8)
         mask[:400, :400] = spots * np.uint8(255)
         tracemalloc.start()
-        out = heal_pixels(image, "RGB", mask, workers=workers)
+        out = heal_pixels(image, "RGB", mask, workers=workers, processes=processes)
         p = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return p - out.nbytes
@@ -282,5 +284,6 @@ def test_healing_on_threads_holds_at_most_one_piece_per_thread():
     single = peak(4000, 1)
     for side in (2000, 4000):
         threaded = peak(side, 4)
-        print(f"healing {side}², beyond the copy: 1 thread {single / 1e6:.1f} MB, 4 threads {threaded / 1e6:.1f} MB")
+        print(f"healing {side}², beyond the copy: 1 thread {single / 1e6:.1f} MB, "
+              f"4 {'processes' if processes else 'threads'} {threaded / 1e6:.1f} MB")
         assert threaded <= 4 * single, (side, threaded, single)

@@ -217,7 +217,7 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert (tmp_path / "a.md").read_text().startswith("# Model card")
     # a second stage starts from the first one's weights and says so in its card
     r = run(tmp_path / "c.safetensors", "--init", tmp_path / "a.safetensors", "--seed", "7", "--lr", "0.0005",
-            "--soft", "0.5")
+            "--soft", "0.5", "--hard-negatives", "0.01")
     assert "starting from" in r.stderr
     c, meta_c = load_weights(tmp_path / "c.safetensors")
     assert meta_c["train"]["init"] == meta["id"]
@@ -227,6 +227,33 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert "--init STAGE1.safetensors" in card and "--seed 7" in card
     assert "--soft 0.5" in card and meta_c["train"]["stages"][1]["soft"] == 0.5
     assert "soft" not in meta_c["train"]["stages"][0]
+    assert "--hard-negatives 0.01" in card and "hardest 1.0% of the clean pixels" in card
+    assert meta_c["train"]["stages"][1]["hard_negatives"] == 0.01
+
+
+def test_hard_negative_loss_is_the_mean_over_the_surest_false_alarms():
+    from torch.nn import functional as F
+
+    from healdust.model.losses import hard_negative_loss
+
+    logits = torch.full((1, 1, 10, 10), -4.0)
+    target = torch.zeros_like(logits)
+    target[0, 0, 0, :5] = 1.0              # dust: never a negative, however sure
+    logits[0, 0, 0, :5] = 9.0
+    logits[0, 0, 5, 5] = 3.0               # the one sure false alarm
+    logits[0, 0, 6, 6] = 1.0               # the next
+    logits[0, 0, 1, 2] = 5.0               # a speck's soft edge, labelled clean: never a hard negative
+    one = hard_negative_loss(logits, target, 1 / 88, margin=1)  # 100 - 5 dust - 7 beside it
+    assert torch.isclose(one, F.softplus(torch.tensor(3.0)))
+    two = hard_negative_loss(logits, target, 2 / 88, margin=1)
+    assert torch.isclose(two, (F.softplus(torch.tensor(3.0)) + F.softplus(torch.tensor(1.0))) / 2)
+    assert torch.isclose(hard_negative_loss(logits, target, 1 / 95, margin=0), F.softplus(torch.tensor(5.0)))
+    assert hard_negative_loss(logits, torch.ones_like(logits), 0.1) == 0
+    # it pushes the false alarm down, and only the hard pixels get a gradient
+    x = logits.clone().requires_grad_(True)
+    hard_negative_loss(x, target, 2 / 88, margin=1).backward()
+    assert x.grad[0, 0, 5, 5] > 0 and x.grad[0, 0, 6, 6] > 0
+    assert int((x.grad != 0).sum()) == 2
 
 
 def test_soft_crops_are_opt_in_and_soft():

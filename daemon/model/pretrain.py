@@ -22,7 +22,7 @@ import torch
 from .. import synth
 from ..metrics import empty_scores, score_masks
 from .arch import ENCODERS, DustModel, build_model, config_from_dict, describe, encoder_name
-from .losses import dust_loss
+from .losses import HARD_NEGATIVE_MARGIN, dust_loss, hard_negative_loss
 from .mobilenet import DustMobileNet
 from .unet import parameter_count
 from .weights_io import load_weights, save_weights
@@ -43,6 +43,7 @@ class PretrainConfig:
     stop_after: int | None = None  # stop (checkpointed) after this many steps; for tests of resuming
     init: str | None = None  # weights to start from (a longer run in stages); None: random
     soft: float = 0.0  # share of soft (upscaled or defocused) training crops; 0: none
+    hard_negatives: float = 0.0  # share of clean pixels in each batch's hard-negative term; 0: none
     heldout: list[str] = field(default_factory=list)
 
 
@@ -129,6 +130,8 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(x)
         loss = dust_loss(logits.float(), y)
+        if cfg.hard_negatives > 0:
+            loss = loss + hard_negative_loss(logits.float(), y, cfg.hard_negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -167,7 +170,8 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
                   "imagenet": imagenet,
                   "stages": stages + [{"steps": cfg.steps, "batch": cfg.batch, "crop": cfg.crop,
                                        "lr": cfg.lr, "seed": cfg.seed, "seconds": round(train_s, 1),
-                                       **({"soft": cfg.soft} if cfg.soft else {})}]},
+                                       **({"soft": cfg.soft} if cfg.soft else {}),
+                                       **({"hard_negatives": cfg.hard_negatives} if cfg.hard_negatives else {})}]},
         "heldout": {"photos": [p.name for p in eval_paths], "metrics": metrics},
         "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)],
     }
@@ -183,6 +187,8 @@ def _initial_model(cfg: PretrainConfig, log) -> tuple[DustModel, dict | None, di
     the init file's metadata and, for MobileNetV2, where its ImageNet weights came from."""
     if not 0.0 <= cfg.soft <= 1.0:
         raise ValueError(f"--soft is a share of the crops, 0 to 1, not {cfg.soft}")
+    if not 0.0 <= cfg.hard_negatives <= 1.0:
+        raise ValueError(f"--hard-negatives is a share of the clean pixels, 0 to 1, not {cfg.hard_negatives}")
     if cfg.encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {cfg.encoder!r}")
     init_meta, imagenet = None, None
@@ -214,6 +220,12 @@ def training_stages(train: dict) -> list[dict]:
         {k: train.get(k) for k in ("steps", "batch", "crop", "lr", "seed", "seconds")}]
 
 
+def _hard_note(stage: dict) -> str:
+    f = stage.get("hard_negatives")
+    return (f", hard negatives (the hardest {f:.1%} of the clean pixels more than {HARD_NEGATIVE_MARGIN} px "
+            f"from dust)" if f else "")
+
+
 def model_card(meta: dict, params: int) -> str:
     t = meta["train"]
     m = meta["heldout"]["metrics"]
@@ -225,7 +237,8 @@ def model_card(meta: dict, params: int) -> str:
     training = "\n".join(
         f"{i}. {st['steps']} steps × {st['batch']} crops of {st['crop']}², AdamW lr {st['lr']}, "
         f"cosine, seed {st['seed']}{', starting from stage ' + str(i - 1) if i > 1 else ''}"
-        f"{', ' + format(st['soft'], '.0%') + ' soft crops' if st.get('soft') else ''}; "
+        f"{', ' + format(st['soft'], '.0%') + ' soft crops' if st.get('soft') else ''}"
+        f"{_hard_note(st)}; "
         f"{(st.get('seconds') or 0) / 60:.1f} min"
         for i, st in enumerate(stages, 1))
     rebuild = []
@@ -245,6 +258,8 @@ def model_card(meta: dict, params: int) -> str:
             cmd += " --encoder mobilenetv2 --imagenet WHEEL"
         if st.get("soft"):
             cmd += f" --soft {st['soft']}"
+        if st.get("hard_negatives"):
+            cmd += f" --hard-negatives {st['hard_negatives']}"
         if i > 1:
             cmd += f" --init STAGE{i - 1}.safetensors"
         rebuild.append(f"    {cmd}")

@@ -63,6 +63,33 @@ def proc_status_kb(pid: int, key: str = "VmRSS") -> int:
     return int(m.group(1)) if m else 0
 
 
+def child_pids(pid: int) -> set[int]:
+    """The processes ``pid`` started, from /proc/PID/task/*/children."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Is ``pid`` running (not gone, not a zombie)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pids, timeout: float = 10.0) -> bool:
+    """Wait until none of ``pids`` is alive; False if some still are after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class RssSampler:
     """Samples a process's VmRSS in a background thread: ``with RssSampler(pid) as s: ...; s.peak_kb``."""
 

@@ -18,7 +18,7 @@ from healdust.protocol import ImageDesc, keys
 from healdust.protocol.client import Client, JobCancelled, RemoteError
 
 from .conftest import DaemonProcess, dusty_image, markers_for, to_u8, to_u16
-from .stress import proc_status_kb
+from .stress import child_pids, proc_status_kb, wait_gone
 
 
 def _img_fields(pixels: np.ndarray, order: str, dtype: str, frame: int = 1) -> dict:
@@ -335,22 +335,6 @@ def test_memory_a_job_used_is_given_back_once_the_daemon_is_idle(daemon):
     assert after - before < 30, summary
 
 
-def _children(pid: int) -> set[int]:
-    out: set[int] = set()
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out |= {int(c) for c in f.read().split()}
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_the_daemon_starts_every_thread_and_process_before_it_says_ready(tmp_path):
     """Threads and healing processes are started with the warm-up (the worker's OpenMP
     team, pyzmq's zero-copy helper, the healing workers), not inside a job, where one that
@@ -365,7 +349,7 @@ def test_the_daemon_starts_every_thread_and_process_before_it_says_ready(tmp_pat
         big = (np.random.default_rng(1).random((800, 1000, 3)) * 255).astype(np.uint8)
         with Client(d.endpoint, timeout=120) as c:
             c.hello()
-            threads, workers = _threads(d.proc.pid), _children(d.proc.pid)
+            threads, workers = _threads(d.proc.pid), child_pids(d.proc.pid)
             assert len(workers) == (default_workers() if default_workers() > 1 else 0)
             ev = c.call("detect", {"image": _img_fields(big, "RGB", "u8")}, [big])
             assert _result_image(ev, "mask").shape[:2] == (800, 1000)  # a reply of 800 kB, zero-copy
@@ -373,10 +357,7 @@ def test_the_daemon_starts_every_thread_and_process_before_it_says_ready(tmp_pat
                                     "mask": _img_fields(mask, "GRAY", "u8", 2)}, [img, mask])
             assert not np.array_equal(_result_image(ev, "healed"), img)
             assert _threads(d.proc.pid) == threads
-            assert _children(d.proc.pid) == workers
+            assert child_pids(d.proc.pid) == workers
     finally:
         d.stop(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in workers), "healing workers outlived the killed daemon"
+    assert wait_gone(workers), "healing workers outlived the killed daemon"

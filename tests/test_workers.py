@@ -15,6 +15,8 @@ import pytest
 
 from healdust.workers import WorkerPool
 
+from .stress import alive, wait_gone
+
 TARGET = "tests.test_workers:_task"
 
 
@@ -108,20 +110,9 @@ def test_workers_end_with_a_killed_parent_and_never_import_its_main_script(tmp_p
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(alive(p) for p in pids)
     finally:
         parent.kill()
         parent.wait()
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in pids), "workers outlived their killed parent"
+    assert wait_gone(pids), "workers outlived their killed parent"
     assert marks.read_text() == "x", "the parent's main script was imported again"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

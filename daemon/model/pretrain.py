@@ -128,10 +128,10 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
         x, y = _batch(photos, stamps, cfg, step)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(x)
-        loss = dust_loss(logits.float(), y)
+            logits = model(x).float()
+        loss = dust_loss(logits, y)
         if cfg.hard_negatives > 0:
-            loss = loss + hard_negative_loss(logits.float(), y, cfg.hard_negatives)
+            loss = loss + hard_negative_loss(logits, y, cfg.hard_negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

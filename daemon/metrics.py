@@ -3,6 +3,11 @@
 A predicted spot counts as correct only when most of its pixels lie on or near real dust,
 so one large blob over the image cannot game the score; a real spot counts as found when
 any predicted pixel touches it (within ``tolerance`` px).
+
+With the synthetic truth's ``ignore`` and ``instances`` (``synth.Damage``): a real spot is
+one defect, however many pieces its visible pixels fall into, and dust too faint to see is
+neither a spot to find nor a false alarm when found (pixels there count for nothing; a
+predicted spot lying only on it is not counted).
 """
 
 from __future__ import annotations
@@ -70,12 +75,19 @@ def empty_scores() -> DetectionScores:
 
 
 def score_masks(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2,
-                min_overlap: float = 0.5) -> DetectionScores:
+                min_overlap: float = 0.5, ignore: np.ndarray | None = None,
+                instances: np.ndarray | None = None) -> DetectionScores:
+    """Scores of the predicted mask against the truth (bool HxW each). ``ignore``: pixels
+    that are neither dust nor clean; ``instances``: the defect of each truth pixel (int,
+    0 none), so that one defect is one spot; without it a spot is a connected piece."""
     pred = pred.astype(bool)
     truth = truth.astype(bool)
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
     truth_near = cv2.dilate(truth.astype(np.uint8), k).astype(bool)
     pred_near = cv2.dilate(pred.astype(np.uint8), k).astype(bool)
+    ignore = np.zeros_like(truth) if ignore is None else ignore.astype(bool) & ~truth
+    # near ignored dust and not near seen dust: pixels that count for nothing
+    neutral = cv2.dilate(ignore.astype(np.uint8), k).astype(bool) & ~truth_near
 
     n_pred, lab_pred = cv2.connectedComponents(pred.astype(np.uint8), connectivity=8)
     sp = Scores()
@@ -83,14 +95,31 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2,
         lp = lab_pred.ravel()
         total = np.bincount(lp, minlength=n_pred)[1:]
         near = np.bincount(lp, weights=truth_near.ravel(), minlength=n_pred)[1:]
-        good = near >= min_overlap * total
-        sp.tp, sp.fp = int(good.sum()), int((~good).sum())
+        counted = total - np.bincount(lp, weights=neutral.ravel(), minlength=n_pred)[1:]
+        good = near >= min_overlap * counted
+        seen = counted > 0  # a spot only on ignored dust is not counted either way
+        sp.tp, sp.fp = int((good & seen).sum()), int((~good & seen).sum())
 
-    n_true, lab_true = cv2.connectedComponents(truth.astype(np.uint8), connectivity=8)
     st = Scores()
+    if instances is None:
+        n_true, lab_true = cv2.connectedComponents(truth.astype(np.uint8), connectivity=8)
+    else:
+        ids = np.where(truth, instances, 0).ravel()
+        used = np.unique(ids)
+        used = used[used > 0]
+        n_true = len(used) + 1
+        lab_true = np.searchsorted(used, ids) + 1
+        lab_true[ids == 0] = 0
     if n_true > 1:
         hit = np.bincount(lab_true.ravel(), weights=pred_near.ravel(), minlength=n_true)[1:] > 0
         st.tp, st.fn = int(hit.sum()), int((~hit).sum())
 
-    px = Scores(int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum()))
+    scored = ~ignore
+    px = Scores(int((pred & truth).sum()), int((pred & ~truth & scored).sum()), int((~pred & truth).sum()))
     return DetectionScores(sp, st, px)
+
+
+def score_damage(pred: np.ndarray, damage, tolerance: int = 2) -> DetectionScores:
+    """``score_masks`` against a ``synth.Damage``: the dust that can be seen, one spot per
+    defect, faint dust ignored."""
+    return score_masks(pred, damage.truth, tolerance, ignore=damage.ignore, instances=damage.instances)

@@ -11,7 +11,10 @@ Two families:
 
 Images are float32 HxWx3 in [0, 1]. Every function returns the damaged image, a boolean
 mask of the dust pixels and, for sensor dust, the attenuation map (fraction of light
-removed), all exact by construction.
+removed), all exact by construction. Beside the mask, the truth for learning and scoring:
+``truth`` (the dust pixels that can be seen), ``ignore`` (dust too faint to see: neither
+dust nor clean) and ``instances`` (which defect each pixel belongs to, so that a stamp
+thresholded into ten fragments is still one spot).
 """
 
 from __future__ import annotations
@@ -31,6 +34,19 @@ _LONG_KINDS = {"hair", "hair-short", "scratches", "lint"}
 MASK_ALPHA = 0.25
 # Sensor dust: attenuation at or above this fraction of the spot's peak counts as dust.
 SENSOR_MASK_FRACTION = 0.3
+# Film: a dust pixel that changes the picture by less than this (of the 0-1 range, the
+# largest change over the channels; about 8 of 255 levels, the grain added here reaches
+# sigma 0.03) cannot be seen: a dark speck on a black shadow, a bright one on snow. It is
+# neither dust nor clean in ``Damage.truth`` / ``Damage.ignore``.
+VISIBLE_CHANGE = 0.03
+# Sensor dust is judged per spot: a smooth shadow whose deepest point darkens the picture
+# by less than this (about 4 of 255 levels) cannot be seen; the eye finds smooth, wide
+# shadows at a smaller change than one-pixel specks.
+SENSOR_VISIBLE_CHANGE = 0.015
+# Alpha above this, outside the truth, is the faint rim or body of a film defect: ignored,
+# not called clean (for sensor dust: any attenuation the mask would take, 0.01).
+FAINT = 0.02
+SENSOR_FAINT = 0.01
 
 
 def default_stamps_dir() -> Path | None:
@@ -161,8 +177,10 @@ def film_defect_alpha(rng: np.random.Generator, stamps: StampSet | None) -> np.n
     return _transform_stamp(alpha, size, rng, long_kind)
 
 
-def _paste(canvas: np.ndarray, a: np.ndarray, y: int, x: int) -> None:
-    """Max-combine ``a`` into ``canvas`` with its top-left at (y, x), clipped."""
+def _paste(canvas: np.ndarray, a: np.ndarray, y: int, x: int, ids: np.ndarray | None = None,
+           ident: int = 0) -> None:
+    """Max-combine ``a`` into ``canvas`` with its top-left at (y, x), clipped; where ``a``
+    wins, ``ids`` takes ``ident`` (each pixel belongs to the defect that covers it most)."""
     h, w = a.shape
     H, W = canvas.shape
     y0, x0 = max(0, y), max(0, x)
@@ -170,6 +188,8 @@ def _paste(canvas: np.ndarray, a: np.ndarray, y: int, x: int) -> None:
     if y1 <= y0 or x1 <= x0:
         return
     sub = a[y0 - y:y1 - y, x0 - x:x1 - x]
+    if ids is not None:
+        ids[y0:y1, x0:x1][sub > canvas[y0:y1, x0:x1]] = ident
     np.maximum(canvas[y0:y1, x0:x1], sub, out=canvas[y0:y1, x0:x1])
 
 
@@ -188,8 +208,11 @@ def add_grain(img: np.ndarray, rng: np.random.Generator, sigma: float | None = N
 @dataclass
 class Damage:
     image: np.ndarray          # float32 HxWx3 in [0, 1]
-    mask: np.ndarray           # bool HxW
+    mask: np.ndarray           # bool HxW: every dust pixel, seen or not (what healing covers)
     attenuation: np.ndarray | None = None  # float32 HxW, fraction of light removed
+    truth: np.ndarray | None = None      # bool HxW: the dust pixels that can be seen
+    ignore: np.ndarray | None = None     # bool HxW: dust too faint to see, and faint rims
+    instances: np.ndarray | None = None  # int32 HxW: the defect (1, 2, ...) of each dust pixel, 0 clean
 
 
 def add_film_damage(img: np.ndarray, rng: np.random.Generator, stamps: StampSet | None,
@@ -201,17 +224,23 @@ def add_film_damage(img: np.ndarray, rng: np.random.Generator, stamps: StampSet 
         count = int(rng.integers(1, max(2, h * w // 2500)))
     polarity = polarity or ("dark" if rng.random() < 0.5 else "bright")
     alpha = np.zeros((h, w), np.float32)
-    for _ in range(count):
+    ids = np.zeros((h, w), np.int32)
+    for k in range(count):
         a = film_defect_alpha(rng, stamps)
         a = a * float(rng.uniform(0.75, 1.0))
-        _paste(alpha, a, int(rng.integers(-a.shape[0] // 2, h)), int(rng.integers(-a.shape[1] // 2, w)))
+        _paste(alpha, a, int(rng.integers(-a.shape[0] // 2, h)), int(rng.integers(-a.shape[1] // 2, w)),
+               ids, k + 1)
     if polarity == "dark":
         tone = rng.uniform(0.0, 0.12, 3).astype(np.float32) + np.float32(rng.uniform(0, 0.05))
     else:
         tone = rng.uniform(0.88, 1.0, 3).astype(np.float32)
     out = img * (1 - alpha[..., None]) + tone * alpha[..., None]
+    change = np.abs(out - img).max(axis=2)
+    mask = alpha > MASK_ALPHA
+    truth = mask & (change >= VISIBLE_CHANGE)
     out = add_grain(out.astype(np.float32), rng, grain)
-    return Damage(out.astype(np.float32), alpha > MASK_ALPHA)
+    return Damage(out.astype(np.float32), mask, truth=truth, ignore=(alpha > FAINT) & ~truth,
+                  instances=np.where(alpha > FAINT, ids, 0))
 
 
 @dataclass(frozen=True)
@@ -237,12 +266,17 @@ class SensorDustField:
 
     def attenuation(self, h: int, w: int, f_number: float = 8.0) -> np.ndarray:
         """Fraction of light removed at each pixel for a frame shot at ``f_number``."""
+        return self._render(h, w, f_number)[0]
+
+    def _render(self, h: int, w: int, f_number: float) -> tuple[np.ndarray, np.ndarray]:
+        """The attenuation and, per pixel, the spot (1, 2, ...) that darkens it most."""
         # wide open (f/2.8): large, faint, soft; stopped down (f/22): small, sharp, ringed
         t = float(np.clip((math.log(f_number) - math.log(2.8)) / (math.log(22) - math.log(2.8)), 0, 1))
         size_k = 1.6 - 0.9 * t
         fade_k = 0.55 + 0.45 * t
         att = np.zeros((h, w), np.float32)
-        for s in self.spots:
+        ids = np.zeros((h, w), np.int32)
+        for k, s in enumerate(self.spots):
             r = max(1.5, s.radius * size_k)
             cy, cx = s.y * h, s.x * w
             n = int(math.ceil(r * 1.6)) + 2
@@ -258,16 +292,25 @@ class SensorDustField:
             if t > 0.5:  # diffraction ring at small apertures
                 prof = prof * (1 + 0.35 * (t - 0.5) * np.exp(-((d - 0.85) / 0.1) ** 2))
             a = (s.strength * fade_k * prof).astype(np.float32)
+            ids[y0:y1, x0:x1][a > att[y0:y1, x0:x1]] = k + 1
             np.maximum(att[y0:y1, x0:x1], a, out=att[y0:y1, x0:x1])
-        return att
+        return att, np.where(att > 0, ids, 0)
 
     def apply(self, img: np.ndarray, f_number: float = 8.0) -> Damage:
         h, w = img.shape[:2]
-        att = self.attenuation(h, w, f_number)
+        att, ids = self._render(h, w, f_number)
         out = img * (1 - att[..., None])
         peak = _local_peak(att)  # per-spot threshold relative to its own peak
-        mask = (att >= SENSOR_MASK_FRACTION * peak) & (att > 0.01)
-        return Damage(out.astype(np.float32), mask, att)
+        mask = (att >= SENSOR_MASK_FRACTION * peak) & (att > SENSOR_FAINT)
+        # a spot is seen when its deepest point darkens the picture enough
+        deepest = np.zeros(len(self.spots) + 1, np.float32)
+        on = ids > 0
+        np.maximum.at(deepest, ids[on], att[on] * img.max(axis=2)[on])
+        seen = deepest >= SENSOR_VISIBLE_CHANGE
+        seen[0] = False
+        truth = mask & seen[ids]
+        return Damage(out.astype(np.float32), mask, att, truth=truth, ignore=(att > SENSOR_FAINT) & ~truth,
+                      instances=np.where(att > SENSOR_FAINT, ids, 0))
 
 
 def _local_peak(att: np.ndarray) -> np.ndarray:
@@ -348,8 +391,8 @@ def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator,
 
 
 def make_training_pair(photo: np.ndarray, size: int, rng: np.random.Generator,
-                       stamps: StampSet | None, soft: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, mask) pair: a crop with film damage, sensor dust, or nothing added."""
+                       stamps: StampSet | None, soft: float = 0.0) -> tuple[np.ndarray, Damage]:
+    """One (image, damage) pair: a crop with film damage, sensor dust, or nothing added."""
     crop = np.ascontiguousarray(random_crop(photo, size, rng, soft=soft))
     u = rng.random()
     n = size * size
@@ -358,5 +401,7 @@ def make_training_pair(photo: np.ndarray, size: int, rng: np.random.Generator,
     elif u < 0.9:
         dmg = add_sensor_dust(crop, rng, count=int(rng.integers(1, max(2, n // 5000))))
     else:
-        return add_grain(crop, rng), np.zeros((size, size), bool)
-    return dmg.image, dmg.mask
+        none = np.zeros((size, size), bool)
+        return add_grain(crop, rng), Damage(crop, none, truth=none, ignore=none,
+                                            instances=np.zeros((size, size), np.int32))
+    return dmg.image, dmg

@@ -217,7 +217,7 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert (tmp_path / "a.md").read_text().startswith("# Model card")
     # a second stage starts from the first one's weights and says so in its card
     r = run(tmp_path / "c.safetensors", "--init", tmp_path / "a.safetensors", "--seed", "7", "--lr", "0.0005",
-            "--soft", "0.5", "--hard-negatives", "0.01")
+            "--soft", "0.5", "--hard-negatives", "0.01", "--labels", "seen")
     assert "starting from" in r.stderr
     c, meta_c = load_weights(tmp_path / "c.safetensors")
     assert meta_c["train"]["init"] == meta["id"]
@@ -229,6 +229,31 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert "soft" not in meta_c["train"]["stages"][0]
     assert "--hard-negatives 0.01" in card and "hardest 1.0% of the clean pixels" in card
     assert meta_c["train"]["stages"][1]["hard_negatives"] == 0.01
+    assert "--labels seen" in card and meta_c["train"]["stages"][1]["labels"] == "seen"
+    assert "labels" not in meta_c["train"]["stages"][0] and "--labels" not in card.split("STAGE1.safetensors")[0]
+    assert meta_c["heldout"]["truth"] == "seen" and "dust too faint to see is ignored" in card
+
+
+def test_seen_labels_leave_faint_dust_out_of_the_loss():
+    """--labels seen: the targets are the dust that can be seen, the loss weight is 0 on dust
+    too faint to see; the images are those of --labels all, pixel for pixel."""
+    from healdust import synth
+    from healdust.demo import sample_path
+    from healdust.model.losses import dust_loss
+    from healdust.model.pretrain import PretrainConfig, _batch
+
+    photos = [synth.load_photo(sample_path())]
+    seen_cfg = PretrainConfig(batch=6, crop=64, labels="seen", seed=5)
+    x, y, w = _batch(photos, None, seen_cfg, 3)
+    x_all, y_all, w_all = _batch(photos, None, PretrainConfig(batch=6, crop=64, seed=5), 3)
+    assert torch.equal(x, x_all) and w_all is None
+    assert bool((y <= y_all).all())                 # seen dust is dust
+    assert bool(((y_all - y) * w == 0).all())       # dust not seen is never called clean
+    assert bool((w == 0).any()) and bool(((w == 0) & (y == 1)).sum() == 0)
+    # a confident "clean" on an ignored pixel costs nothing
+    logits = torch.where(y > 0, 5.0, -5.0)
+    flipped = torch.where(w == 0, -logits.abs() - 20, logits)
+    assert torch.isclose(dust_loss(logits, y, w), dust_loss(flipped, y, w))
 
 
 def test_hard_negative_loss_is_the_mean_over_the_surest_false_alarms():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import synth
-from ..metrics import empty_scores, score_masks
+from ..metrics import empty_scores, score_damage, score_masks
 from .arch import ENCODERS, DustModel, build_model, config_from_dict, describe, encoder_name
 from .losses import HARD_NEGATIVE_MARGIN, dust_loss, hard_negative_loss
 from .mobilenet import DustMobileNet
@@ -44,6 +44,7 @@ class PretrainConfig:
     init: str | None = None  # weights to start from (a longer run in stages); None: random
     soft: float = 0.0  # share of soft (upscaled or defocused) training crops; 0: none
     hard_negatives: float = 0.0  # share of clean pixels in each batch's hard-negative term; 0: none
+    labels: str = "all"  # "seen": dust too faint to see is left out of the loss; "all": every dust pixel is dust
     heldout: list[str] = field(default_factory=list)
 
 
@@ -54,22 +55,30 @@ def _device(name: str = "auto") -> torch.device:
 
 
 def _batch(photos: list[np.ndarray], stamps: synth.StampSet | None, cfg: PretrainConfig,
-           step: int) -> tuple[torch.Tensor, torch.Tensor]:
+           step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Images, targets and (labels "seen") the loss weights: 0 on dust too faint to see."""
     rng = np.random.default_rng([cfg.seed, step])
-    xs, ys = [], []
+    xs, ys, ws = [], [], []
     for _ in range(cfg.batch):
         photo = photos[int(rng.integers(len(photos)))]
-        img, mask = synth.make_training_pair(photo, cfg.crop, rng, stamps, soft=cfg.soft)
+        img, dmg = synth.make_training_pair(photo, cfg.crop, rng, stamps, soft=cfg.soft)
         xs.append(img.transpose(2, 0, 1))
-        ys.append(mask[None].astype(np.float32))
-    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        if cfg.labels == "seen":
+            ys.append(dmg.truth[None].astype(np.float32))
+            ws.append((~dmg.ignore)[None].astype(np.float32))
+        else:
+            ys.append(dmg.mask[None].astype(np.float32))
+    weight = torch.from_numpy(np.stack(ws)) if ws else None
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), weight
 
 
 @torch.inference_mode()
 def evaluate(model: DustModel, photos: list[np.ndarray], stamps: synth.StampSet | None,
              n: int, seed: int, device: torch.device, size: int = 256,
-             threshold: float = 0.5) -> dict[str, dict]:
-    """Spot/pixel scores on synthetic damage over the given (held-out) photos."""
+             threshold: float = 0.5, truth: str = "seen") -> dict[str, dict]:
+    """Spot/pixel scores on synthetic damage over the given (held-out) photos, against the
+    dust that can be seen, one spot per defect (``metrics.score_damage``); ``truth`` "all":
+    against every dust pixel, one spot per connected piece (the model cards' first scoring)."""
     model.eval()
     out = {}
     for kind in ("film", "sensor"):
@@ -83,7 +92,8 @@ def evaluate(model: DustModel, photos: list[np.ndarray], stamps: synth.StampSet 
                 dmg = synth.add_sensor_dust(crop, rng, count=int(rng.integers(2, 8)))
             x = torch.from_numpy(dmg.image.transpose(2, 0, 1)[None].copy()).to(device)
             prob = torch.sigmoid(model(x))[0, 0].float().cpu().numpy()
-            total = total.add(score_masks(prob >= threshold, dmg.mask))
+            pred = prob >= threshold
+            total = total.add(score_damage(pred, dmg) if truth == "seen" else score_masks(pred, dmg.mask))
         out[kind] = total.as_dict()
     return out
 
@@ -125,13 +135,16 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
     model.train()
     t0 = time.monotonic() - elapsed
     for step in range(start, cfg.steps):
-        x, y = _batch(photos, stamps, cfg, step)
+        x, y, w = _batch(photos, stamps, cfg, step)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        w = w.to(dev, non_blocking=True) if w is not None else None
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(x).float()
-        loss = dust_loss(logits, y)
+        loss = dust_loss(logits, y, w)
         if cfg.hard_negatives > 0:
-            loss = loss + hard_negative_loss(logits, y, cfg.hard_negatives)
+            # ignored (faint) dust is no hard negative either: it counts as dust there
+            loss = loss + hard_negative_loss(logits, y if w is None else torch.maximum(y, 1 - w),
+                                             cfg.hard_negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -171,8 +184,9 @@ def train_base(photos_dir: str | Path, out: str | Path, stamps_dir: str | Path |
                   "stages": stages + [{"steps": cfg.steps, "batch": cfg.batch, "crop": cfg.crop,
                                        "lr": cfg.lr, "seed": cfg.seed, "seconds": round(train_s, 1),
                                        **({"soft": cfg.soft} if cfg.soft else {}),
+                                       **({"labels": cfg.labels} if cfg.labels != "all" else {}),
                                        **({"hard_negatives": cfg.hard_negatives} if cfg.hard_negatives else {})}]},
-        "heldout": {"photos": [p.name for p in eval_paths], "metrics": metrics},
+        "heldout": {"photos": [p.name for p in eval_paths], "metrics": metrics, "truth": "seen"},
         "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)],
     }
     save_weights(out, model.state_dict(), meta)
@@ -238,9 +252,13 @@ def model_card(meta: dict, params: int) -> str:
         f"{i}. {st['steps']} steps × {st['batch']} crops of {st['crop']}², AdamW lr {st['lr']}, "
         f"cosine, seed {st['seed']}{', starting from stage ' + str(i - 1) if i > 1 else ''}"
         f"{', ' + format(st['soft'], '.0%') + ' soft crops' if st.get('soft') else ''}"
-        f"{_hard_note(st)}; "
+        f"{_hard_note(st)}"
+        f"{', dust too faint to see left out of the loss' if st.get('labels') == 'seen' else ''}; "
         f"{(st.get('seconds') or 0) / 60:.1f} min"
         for i, st in enumerate(stages, 1))
+    truth_note = ("Against the dust that can be seen, one spot per defect; dust too faint to see is "
+                  "ignored (`metrics.score_damage`)." if meta["heldout"].get("truth") == "seen" else
+                  "Against every dust pixel, one spot per connected piece (the first scoring).")
     rebuild = []
     mnv2 = encoder_name(meta["config"]) == "mobilenetv2"
     imagenet_note = wheel_note = ""
@@ -260,6 +278,8 @@ def model_card(meta: dict, params: int) -> str:
             cmd += f" --soft {st['soft']}"
         if st.get("hard_negatives"):
             cmd += f" --hard-negatives {st['hard_negatives']}"
+        if st.get("labels"):
+            cmd += f" --labels {st['labels']}"
         if i > 1:
             cmd += f" --init STAGE{i - 1}.safetensors"
         rebuild.append(f"    {cmd}")
@@ -280,6 +300,8 @@ trained on: {', '.join(meta['heldout']['photos']) or 'none'}.
 The last stage ran on {t['device']} ({t['machine']}).
 
 ## Held-out metrics (threshold 0.5, no markers)
+{truth_note}
+
 | damage | spot P | spot R | spot F1 | pixel P | pixel R | pixel F1 |
 |---|---|---|---|---|---|---|
 {rows}

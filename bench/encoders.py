@@ -17,6 +17,11 @@ without markers, as ``--model NAME`` / ``auto`` uses it on the next frame of a s
 ``--soft-image`` scores each base model alone on ``bench/speed.py``'s 6 MP image (the
 bundled sample scaled up 2.3×, film dust, no grain): a soft picture, where a model that
 takes soft blobs for sensor dust shows it.
+
+``--card SEED`` scores each base model as ``healdust train-base`` scores it for its model
+card (96 held-out crops of 256² per kind, threshold 0.5, no markers) with that seed, so
+models from different runs meet on the same crops. ``--truth all`` scores against every
+dust pixel, one spot per connected piece, as the benches and model cards first did.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from healdust.metrics import empty_scores
 from healdust.model.arch import describe
 from healdust.model.finetune import FineTuneConfig, fine_tune
 from healdust.model.infer import predict_proba
+from healdust.model.pretrain import evaluate
 from healdust.model.unet import parameter_count
 from healdust.store import load_base_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detection import make_case, parse_ft, pick_markers, score_detection  # noqa: E402
+import detection  # noqa: E402
+from detection import add_truth_arg, make_case, parse_ft, pick_markers, score_detection  # noqa: E402
 
 
 def score(models: dict, variants: dict, photos, stamps, crops: int, size: int, seed: int, precision: str,
@@ -66,12 +73,13 @@ def score(models: dict, variants: dict, photos, stamps, crops: int, size: int, s
 
 
 def make_reuse_pair(photo_a, photo_b, kind: str, rng: np.random.Generator, size: int, stamps):
-    """The same damage (one seed) over a crop of each photo: (image a, truth, image b)."""
+    """The same damage (one seed) over a crop of each photo: (image a, its truth, image b,
+    its truth): the dust is the same, what can be seen of it depends on the picture."""
     seed = int(rng.integers(2**31))
     (a, truth), (b, truth_b) = (make_case(photo, kind, rng, size, stamps, np.random.default_rng(seed))
                                 for photo in (photo_a, photo_b))
-    assert np.array_equal(truth, truth_b), "the same seed makes the same dust"
-    return a, truth, b
+    assert np.array_equal(truth.mask, truth_b.mask), "the same seed makes the same dust"
+    return a, truth, b, truth_b
 
 
 def score_reuse(models: dict, variants: dict, photos, stamps, pairs: int, size: int, seed: int,
@@ -80,19 +88,19 @@ def score_reuse(models: dict, variants: dict, photos, stamps, pairs: int, size: 
     for kind in ("film", "sensor"):
         rng = np.random.default_rng([seed, 7, 0 if kind == "film" else 1])
         for i in range(pairs):
-            a, truth, b = make_reuse_pair(photos[i % len(photos)], photos[(i + 1) % len(photos)], kind, rng,
+            a, truth, b, truth_b = make_reuse_pair(photos[i % len(photos)], photos[(i + 1) % len(photos)], kind, rng,
                                           size, stamps)
             markers = {n: pick_markers(truth, n, rng) for n in (3, 5)}
             for name, model in models.items():
                 key = (kind, name, 0, "next")
-                out[key] = out.get(key, empty_scores()).add(score_detection(model, b, truth, precision=precision))
+                out[key] = out.get(key, empty_scores()).add(score_detection(model, b, truth_b, precision=precision))
                 for n, dust in markers.items():
                     for vname, cfg in variants.items():
                         res = fine_tune(model, a, "RGB", dust, mode="transfer", cfg=cfg)
-                        for where, img, d in (("same", a, dust), ("next", b, None)):
+                        for where, img, t, d in (("same", a, truth, dust), ("next", b, truth_b, None)):
                             key = (kind, name + vname, n, where)
                             out[key] = out.get(key, empty_scores()).add(
-                                score_detection(res.model, img, truth, res.threshold, d, precision=precision))
+                                score_detection(res.model, img, t, res.threshold, d, precision=precision))
         log(f"# {kind}: reuse scored")
     return out
 
@@ -121,7 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--markers", default="3,5", help="marker counts to fine-tune on (comma-separated)")
     ap.add_argument("--ft", action="append", default=None, metavar="KEY=VALUE,...",
                     help="fine-tuning settings to score besides the defaults (repeat to compare)")
+    ap.add_argument("--card", type=int, action="append", default=None, metavar="SEED",
+                    help="also score the base models as their model cards do (96 held-out crops of 256² per "
+                         "kind, threshold 0.5, no markers) with this seed (repeat for more)")
+    add_truth_arg(ap)
     args = ap.parse_args(argv)
+    detection.TRUTH = args.truth
     variants = {"": FineTuneConfig()}
     variants.update({f" [{t}]": parse_ft(t) for t in args.ft or []})
 
@@ -131,10 +144,24 @@ def main(argv=None) -> int:
     models, metas = {}, {}
     for path in args.base or [None]:
         model, meta = load_base_model(path, torch.device("cpu"))
-        models[meta["id"]], metas[meta["id"]] = model, meta
+        name = meta["id"] if meta["id"] not in models else f"{meta['id']} ({Path(path).stem})"
+        models[name], metas[name] = model, meta
     stamps = synth.StampSet.load(synth.default_stamps_dir())
     held = [synth.load_photo(p, 1600) for p in synth.list_photos(args.photos)]
     rows = [(name + v) for name in models for v in variants]
+    if args.card:
+        card_photos = [synth.load_photo(p) for p in synth.list_photos(args.photos)]
+        print(f"\nAs the model cards score (96 held-out crops of 256² per kind, threshold 0.5, no markers; "
+              f"truth: {detection.TRUTH_NOTE[detection.TRUTH]}): spot P / R / F1, pixel F1\n")
+        print("| model | seed | film | sensor |")
+        print("|---|---|---|---|")
+        for name, model in models.items():
+            for seed in args.card:
+                m = evaluate(model, card_photos, stamps, 96, seed, torch.device("cpu"), truth=detection.TRUTH)
+                print(f"| {name} | {seed} | " + " | ".join(
+                    f"{v['spot_precision']:.3f} / {v['spot_recall']:.3f} / {v['spot_f1']:.3f}, {v['pixel_f1']:.3f}"
+                    for v in (m["film"], m["sensor"])) + " |")
+        sys.stdout.flush()
     if args.soft_image:
         from speed import image_shape, make_image
 
@@ -173,7 +200,8 @@ def main(argv=None) -> int:
     speed = {name: seconds_per_mp(m, args.precision) for name, m in models.items()}
 
     print(f"\nEncoders on {args.crops} held-out {args.size}x{args.size} crops per kind; "
-          f"{platform.machine()}, {torch.get_num_threads()} threads, {args.precision} detection.\n")
+          f"{platform.machine()}, {torch.get_num_threads()} threads, {args.precision} detection; "
+          f"truth: {detection.TRUTH_NOTE[detection.TRUTH]}.\n")
     for name, meta in metas.items():
         trained = sum(st["steps"] for st in meta["train"].get("stages") or [meta["train"]])
         print(f"- {name}: {describe(meta['config'])}; {parameter_count(models[name]):,} parameters; "

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 
 from healdust import synth
-from healdust.metrics import empty_scores, score_masks
+from healdust.metrics import empty_scores
 from healdust.model.finetune import fine_tune
 from healdust.model.infer import predict_proba
 from healdust.pipeline import decide_mask
 from healdust.store import load_base_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detection import make_case, pick_markers  # noqa: E402
+import detection  # noqa: E402
+from detection import add_truth_arg, make_case, pick_markers, score_truth  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, default=40)
     ap.add_argument("--tuned", type=int, default=10)
     ap.add_argument("--seed", type=int, default=99)
+    add_truth_arg(ap)
     args = ap.parse_args(argv)
+    detection.TRUTH = args.truth
     base, meta = load_base_model(device=torch.device("cpu"))
     photos = [synth.load_photo(p, 1600) for p in synth.list_photos(args.photos)]
     stamps = synth.StampSet.load(synth.default_stamps_dir())
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
                     probs[precision] = prob
                     mask, _ = decide_mask(prob, threshold, img if dust else None, "RGB", dust)
                     key = (name, precision)
-                    scores[key] = scores.get(key, empty_scores()).add(score_masks(mask, truth))
+                    scores[key] = scores.get(key, empty_scores()).add(score_truth(mask, truth))
                 maxdiff = max(maxdiff, float(np.abs(probs["fp32"] - probs["bf16"]).max()))
                 flips += int(((probs["fp32"] > threshold) != (probs["bf16"] > threshold)).sum())
                 pixels += probs["fp32"].size

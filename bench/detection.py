@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from healdust import pipeline, synth
-from healdust.metrics import empty_scores, score_damage, score_masks
+from healdust.metrics import empty_scores, score_damage, score_masks, spot_labels
 from healdust.model.finetune import FineTuneConfig, fine_tune
 from healdust.model.infer import predict_proba, use_bf16
 from healdust.pipeline import decide_mask
@@ -62,14 +62,10 @@ def truth_mask(truth) -> np.ndarray:
 
 def true_spots(truth) -> tuple[int, np.ndarray]:
     """(count + 1, labels): the true spots, one label each (0 elsewhere): the defects that
-    can be be seen, or for ``TRUTH`` "all" and plain masks the connected pieces."""
+    can be seen, or for ``TRUTH`` "all" and plain masks the connected pieces."""
     if isinstance(truth, np.ndarray) or TRUTH == "all":
-        return cv2.connectedComponents(truth_mask(truth).astype(np.uint8), connectivity=8)
-    ids = np.where(truth.truth, truth.instances, 0)
-    used = np.unique(ids)
-    used = used[used > 0]
-    lab = (np.searchsorted(used, ids) + 1) * (ids > 0)
-    return len(used) + 1, lab.astype(np.int32)
+        return spot_labels(truth_mask(truth))
+    return spot_labels(truth.truth, truth.instances)
 
 
 def score_truth(mask: np.ndarray, truth):

@@ -74,6 +74,20 @@ def empty_scores() -> DetectionScores:
     return DetectionScores(Scores(), Scores(), Scores())
 
 
+def spot_labels(truth: np.ndarray, instances: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """(count + 1, int32 labels 1..count, 0 elsewhere): the true spots of a bool mask, one
+    per defect of ``instances`` that has a truth pixel, or without it one per 8-connected
+    piece."""
+    truth = truth.astype(bool)
+    if instances is None:
+        return cv2.connectedComponents(truth.astype(np.uint8), connectivity=8)
+    ids = np.where(truth, instances, 0)
+    used = np.unique(ids)
+    used = used[used > 0]
+    lab = (np.searchsorted(used, ids) + 1) * (ids > 0)
+    return len(used) + 1, lab.astype(np.int32)
+
+
 def score_masks(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2,
                 min_overlap: float = 0.5, ignore: np.ndarray | None = None,
                 instances: np.ndarray | None = None) -> DetectionScores:
@@ -101,15 +115,7 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2,
         sp.tp, sp.fp = int((good & seen).sum()), int((~good & seen).sum())
 
     st = Scores()
-    if instances is None:
-        n_true, lab_true = cv2.connectedComponents(truth.astype(np.uint8), connectivity=8)
-    else:
-        ids = np.where(truth, instances, 0).ravel()
-        used = np.unique(ids)
-        used = used[used > 0]
-        n_true = len(used) + 1
-        lab_true = np.searchsorted(used, ids) + 1
-        lab_true[ids == 0] = 0
+    n_true, lab_true = spot_labels(truth, instances)
     if n_true > 1:
         hit = np.bincount(lab_true.ravel(), weights=pred_near.ravel(), minlength=n_true)[1:] > 0
         st.tp, st.fn = int(hit.sum()), int((~hit).sum())

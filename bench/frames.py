@@ -12,6 +12,10 @@ is used whole, at its own size (4–20 MP; ``--max-side`` scales it down), with
 sensor spots per frame, and scored as the daemon decides its mask (the same 1 % cap),
 for the base model alone and after transfer fine-tuning on 3 and 5 markers. Truth as in
 the other benches (``--truth``).
+
+``--not-dust K`` adds what a user does next: after the fine-tune on the most markers,
+circle the K largest false alarms of its mask as "not dust" and fine-tune again (from
+the base model, with the dust markers and those), as the daemon does with both kinds.
 """
 
 from __future__ import annotations
@@ -22,17 +26,35 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from healdust import synth
 from healdust.metrics import empty_scores
 from healdust.model.finetune import fine_tune
+from healdust.model.infer import predict_proba
+from healdust.pipeline import decide_mask
 from healdust.store import load_base_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detection  # noqa: E402
 from detection import add_truth_arg, pick_markers, score_detection  # noqa: E402
+
+
+def largest_false_alarms(mask: np.ndarray, dmg, k: int, tolerance: int = 2) -> list[tuple[float, float, float]]:
+    """Circles (x, y, r) around the k largest predicted spots that ``score_masks`` calls
+    false alarms (mostly away from any dust, seen or not): what a user circles as not dust."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
+    dust = dmg.mask | dmg.ignore if dmg.ignore is not None else dmg.mask
+    near = cv2.dilate(dust.astype(np.uint8), kernel).ravel()
+    n, lab, st, cen = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n < 2:
+        return []
+    on_dust = np.bincount(lab.ravel(), weights=near, minlength=n)
+    false = [i for i in range(1, n) if on_dust[i] < 0.5 * st[i, cv2.CC_STAT_AREA]]
+    false.sort(key=lambda i: -st[i, cv2.CC_STAT_AREA])
+    return [(float(cen[i][0]), float(cen[i][1]), float(0.5 * np.hypot(st[i, 2], st[i, 3]) + 3)) for i in false[:k]]
 
 
 def main(argv=None) -> int:
@@ -45,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-side", type=int, default=0, help="scale frames down to this long side (0: as they are)")
     ap.add_argument("--seed", type=int, default=77)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--not-dust", type=int, default=0, metavar="K",
+                    help="also fine-tune again with the K largest false alarms circled as not dust")
     add_truth_arg(ap)
     args = ap.parse_args(argv)
     detection.TRUTH = args.truth
@@ -76,6 +100,15 @@ def main(argv=None) -> int:
                 res = fine_tune(base, img, "RGB", dust, mode="transfer")
                 scores[n] = scores.get(n, empty_scores()).add(
                     score_detection(res.model, img, dmg, res.threshold, dust, precision=args.precision))
+            if args.not_dust and counts:
+                n = max(counts)
+                prob = predict_proba(res.model, img, "RGB", precision=args.precision)
+                mask, _ = decide_mask(prob, res.threshold, img, "RGB", dust)
+                not_dust = largest_false_alarms(mask, dmg, args.not_dust)
+                res2 = fine_tune(base, img, "RGB", dust, not_dust, mode="transfer")
+                key = f"{n} + {len(not_dust)} not dust"
+                scores[key] = scores.get(key, empty_scores()).add(
+                    score_detection(res2.model, img, dmg, res2.threshold, dust, precision=args.precision))
         rows += [(kind, n, s, megapixels) for n, s in scores.items()]
         print(f"# {kind}: done ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 

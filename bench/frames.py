@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from healdust import synth
-from healdust.metrics import empty_scores
+from healdust.metrics import empty_scores, predicted_spots
 from healdust.model.finetune import fine_tune
 from healdust.model.infer import predict_proba
 from healdust.pipeline import decide_mask
@@ -42,19 +42,16 @@ import detection  # noqa: E402
 from detection import add_truth_arg, pick_markers, score_detection  # noqa: E402
 
 
-def largest_false_alarms(mask: np.ndarray, dmg, k: int, tolerance: int = 2) -> list[tuple[float, float, float]]:
+def largest_false_alarms(mask: np.ndarray, dmg, k: int) -> list[tuple[float, float, float]]:
     """Circles (x, y, r) around the k largest predicted spots that ``score_masks`` calls
-    false alarms (mostly away from any dust, seen or not): what a user circles as not dust."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
-    dust = dmg.mask | dmg.ignore if dmg.ignore is not None else dmg.mask
-    near = cv2.dilate(dust.astype(np.uint8), kernel).ravel()
-    n, lab, st, cen = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n < 2:
-        return []
-    on_dust = np.bincount(lab.ravel(), weights=near, minlength=n)
-    false = [i for i in range(1, n) if on_dust[i] < 0.5 * st[i, cv2.CC_STAT_AREA]]
-    false.sort(key=lambda i: -st[i, cv2.CC_STAT_AREA])
-    return [(float(cen[i][0]), float(cen[i][1]), float(0.5 * np.hypot(st[i, 2], st[i, 3]) + 3)) for i in false[:k]]
+    false alarms: what a user circles as not dust."""
+    seen = detection.TRUTH == "seen"
+    stats, cents, good, counted = predicted_spots(mask, detection.truth_mask(dmg),
+                                                  ignore=dmg.ignore if seen else None)
+    false = np.nonzero(counted & ~good)[0]
+    false = false[np.argsort(-stats[false, cv2.CC_STAT_AREA], kind="stable")][:k]
+    return [(float(cents[i][0]), float(cents[i][1]), float(0.5 * np.hypot(stats[i, 2], stats[i, 3]) + 3))
+            for i in false]
 
 
 def main(argv=None) -> int:

@@ -88,6 +88,27 @@ def spot_labels(truth: np.ndarray, instances: np.ndarray | None = None) -> tuple
     return len(used) + 1, lab.astype(np.int32)
 
 
+def predicted_spots(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2, min_overlap: float = 0.5,
+                    ignore: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each predicted spot (an 8-connected piece of ``pred``) judged as ``score_masks``
+    judges it: (stats, centroids) as ``cv2.connectedComponentsWithStats`` gives them, less
+    the background row; ``good``: most of its pixels lie on or near seen dust;
+    ``counted``: it does not lie only near ignored dust (such a spot counts neither way)."""
+    truth = truth.astype(bool)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
+    truth_near = cv2.dilate(truth.astype(np.uint8), k).astype(bool)
+    n, lab, stats, cents = cv2.connectedComponentsWithStats(pred.astype(np.uint8), connectivity=8)
+    lp = lab.ravel()
+    total = stats[1:, cv2.CC_STAT_AREA]
+    near = np.bincount(lp, weights=truth_near.ravel(), minlength=n)[1:]
+    counted = total.astype(np.float64)
+    if ignore is not None:
+        # near ignored dust and not near seen dust: pixels that count for nothing
+        neutral = cv2.dilate((ignore.astype(bool) & ~truth).astype(np.uint8), k).astype(bool) & ~truth_near
+        counted = counted - np.bincount(lp, weights=neutral.ravel(), minlength=n)[1:]
+    return stats[1:], cents[1:], near >= min_overlap * counted, counted > 0
+
+
 def score_masks(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2,
                 min_overlap: float = 0.5, ignore: np.ndarray | None = None,
                 instances: np.ndarray | None = None) -> DetectionScores:
@@ -96,23 +117,11 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2,
     0 none), so that one defect is one spot; without it a spot is a connected piece."""
     pred = pred.astype(bool)
     truth = truth.astype(bool)
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
-    truth_near = cv2.dilate(truth.astype(np.uint8), k).astype(bool)
-    pred_near = cv2.dilate(pred.astype(np.uint8), k).astype(bool)
     ignore = np.zeros_like(truth) if ignore is None else ignore.astype(bool) & ~truth
-    # near ignored dust and not near seen dust: pixels that count for nothing
-    neutral = cv2.dilate(ignore.astype(np.uint8), k).astype(bool) & ~truth_near
-
-    n_pred, lab_pred = cv2.connectedComponents(pred.astype(np.uint8), connectivity=8)
-    sp = Scores()
-    if n_pred > 1:
-        lp = lab_pred.ravel()
-        total = np.bincount(lp, minlength=n_pred)[1:]
-        near = np.bincount(lp, weights=truth_near.ravel(), minlength=n_pred)[1:]
-        counted = total - np.bincount(lp, weights=neutral.ravel(), minlength=n_pred)[1:]
-        good = near >= min_overlap * counted
-        seen = counted > 0  # a spot only on ignored dust is not counted either way
-        sp.tp, sp.fp = int((good & seen).sum()), int((~good & seen).sum())
+    _, _, good, counted = predicted_spots(pred, truth, tolerance, min_overlap, ignore)
+    sp = Scores(int((good & counted).sum()), int((~good & counted).sum()))
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
+    pred_near = cv2.dilate(pred.astype(np.uint8), k).astype(bool)
 
     st = Scores()
     n_true, lab_true = spot_labels(truth, instances)

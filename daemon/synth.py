@@ -294,7 +294,7 @@ class SensorDustField:
             a = (s.strength * fade_k * prof).astype(np.float32)
             ids[y0:y1, x0:x1][a > att[y0:y1, x0:x1]] = k + 1
             np.maximum(att[y0:y1, x0:x1], a, out=att[y0:y1, x0:x1])
-        return att, np.where(att > 0, ids, 0)
+        return att, ids  # 0 where no spot reaches
 
     def apply(self, img: np.ndarray, f_number: float = 8.0) -> Damage:
         h, w = img.shape[:2]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -330,6 +332,9 @@ def cmd_serve(args) -> int:
         print(f"healdust: made key files private again: {', '.join(server_keys.fixed_modes)}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s healdust %(levelname)s %(message)s",
                         stream=sys.stderr)
+    # a daemon that seems stuck: `kill -USR1 PID` writes where every thread is to its stderr
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     limits = Limits(max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
                     max_pixels=args.max_pixels, max_queue_bytes=args.max_queue_mb << 20)
     if min(args.max_queue, args.max_queue_per_client, args.max_pixels, args.tile, args.max_queue_mb) < 1:

@@ -133,6 +133,12 @@ class Client:
 
     def close(self) -> None:
         if self._monitor is not None:
+            # libzmq's I/O thread blocks, holding the monitor's lock, when the monitor's queue
+            # (2000 events) is full, and disable_monitor waits for that lock while holding
+            # Python's: the whole process would hang. Empty the queue first (a client refused
+            # again and again, unread for minutes, fills it).
+            while self._monitor.poll(0):
+                self._monitor.recv_multipart()
             self._sock.disable_monitor()
             self._monitor.close(0)
             self._monitor = None

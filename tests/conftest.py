@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 import signal
@@ -23,6 +24,11 @@ from healdust.protocol import keys
 # One set of keys for the whole run: every test daemon gets a copy in its HEALDUST_HOME and
 # the test process's HEALDUST_HOME points at one too, so Client() finds the token by itself.
 _SESSION_HOME: Path | None = None
+START_TIMEOUT = 120  # seconds for a test daemon to say it is ready (it loads torch and a model)
+
+# a run killed from outside (CI's time limit) says where every thread was
+if hasattr(signal, "SIGTERM"):
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
 
 
 def give_keys(home: Path) -> Path:
@@ -54,6 +60,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def said_ready(proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> bool:
+    """Whether ``healdust serve`` (text-mode stdout) printed its ready line within ``timeout`` s."""
+    done, said = threading.Event(), []
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.startswith("healdust ready"):
+                said.append(line)
+                break
+        done.set()  # ready, or stdout closed: the daemon exited
+
+    threading.Thread(target=read, daemon=True).start()
+    done.wait(timeout)
+    return bool(said)
+
+
 class DaemonProcess:
     def __init__(self, home: Path, endpoint: str | None = None, extra_env: dict | None = None,
                  preexec_fn=None, args: tuple = ()):
@@ -67,19 +89,26 @@ class DaemonProcess:
                                      preexec_fn=preexec_fn)
         self.stderr_lines: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
-        deadline = time.monotonic() + 90
-        line = ""
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("healdust ready") or not line:
-                break
-        if not line.startswith("healdust ready"):
-            self.proc.kill()
-            raise RuntimeError(f"daemon did not start: {line!r} {''.join(self.stderr_lines[-20:])}")
+        # a real deadline: a daemon that neither says ready nor exits fails the test, with
+        # where each of its threads was, instead of hanging the run
+        if not said_ready(self.proc, START_TIMEOUT):
+            why = "exited" if not self.alive() else f"not ready after {START_TIMEOUT} s"
+            raise RuntimeError(f"daemon did not start ({why}):\n{self.dump_and_kill()}")
 
     def _drain_stderr(self) -> None:
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
+
+    def dump_and_kill(self) -> str:
+        """Ask a live daemon where its threads are (SIGUSR1, see cli.cmd_serve), kill it, and
+        return the end of its stderr."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            self.proc.kill()
+        self.proc.wait()
+        time.sleep(0.2)  # the stderr reader catches up
+        return "".join(self.stderr_lines[-80:])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -90,9 +119,7 @@ class DaemonProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+            raise RuntimeError(f"daemon did not stop within {timeout} s:\n{self.dump_and_kill()}") from None
 
 
 @pytest.fixture(scope="module")

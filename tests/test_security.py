@@ -21,7 +21,7 @@ import zmq
 from healdust.protocol import keys
 from healdust.protocol.client import Client, DaemonUnavailable, RemoteError
 
-from .conftest import DaemonProcess, free_port
+from .conftest import DaemonProcess, free_port, said_ready
 
 
 def _modes(folder):
@@ -194,6 +194,35 @@ def test_a_client_without_a_daemon_still_times_out_cleanly(tmp_path):
         c.hello(timeout=1)
 
 
+REFUSED_AGAIN_AND_AGAIN = textwrap.dedent("""
+    import socket, sys, threading, time, zmq
+    from healdust.protocol.client import Client
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    def refuse():  # a peer that hangs up on every connection, as a daemon refusing a token does
+        while True:
+            server.accept()[0].close()
+    threading.Thread(target=refuse, daemon=True).start()
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.RECONNECT_IVL, 1)  # years of refusals in a few seconds
+    c = Client(f"tcp://127.0.0.1:{server.getsockname()[1]}", context=ctx, security=None)
+    deadline = time.monotonic() + 20
+    while c._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(float(sys.argv[1]))  # nobody reads the client's connection events meanwhile
+    c.close()
+    print("closed", flush=True)
+""")
+
+
+def test_a_client_refused_for_minutes_unread_still_closes():
+    """libzmq stops a socket's I/O when its monitor's queue is full; closing must not hang."""
+    r = subprocess.run([sys.executable, "-c", REFUSED_AGAIN_AND_AGAIN, "5"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "closed", (r.stdout, r.stderr[-2000:])
+
+
 def test_a_client_made_before_the_daemon_created_its_keys_picks_them_up(tmp_path):
     """The plugins make their client, then start a daemon, which creates the token."""
     home = tmp_path / "fresh"
@@ -205,7 +234,7 @@ def test_a_client_made_before_the_daemon_created_its_keys_picks_them_up(tmp_path
         p = subprocess.Popen([sys.executable, "-m", "healdust", "serve", "--endpoint", endpoint, "--device", "cpu"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            assert p.stdout.readline().startswith("healdust ready")
+            assert said_ready(p)
             hello = None
             for _ in range(20):  # the first hello may go out on the keyless connection
                 try:

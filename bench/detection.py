@@ -27,7 +27,8 @@ from healdust import pipeline, synth
 from healdust.metrics import empty_scores, score_damage, score_masks, spot_labels
 from healdust.model.finetune import FineTuneConfig, fine_tune
 from healdust.model.infer import predict_proba, use_bf16
-from healdust.pipeline import decide_mask
+from healdust.pipeline import decide_mask, load_spot_filter
+from healdust.spots import apply_filter
 from healdust.store import load_base_model
 
 MARKER_COUNTS = (3, 5, 10)
@@ -120,18 +121,51 @@ def recall_by_size(mask: np.ndarray, truth, tolerance: int = 2) -> np.ndarray:
     return np.array([(hit & small).sum(), small.sum(), (hit & ~small).sum(), (~small).sum()], np.int64)
 
 
-def score_detection(model, img: np.ndarray, truth, threshold: float = 0.5,
-                    dust: list | None = None, device="cpu", precision: str = "auto",
-                    sizes: np.ndarray | None = None):
-    """Detect on one crop and score the mask as the daemon would decide it (the marked
-    spots join the mask when there are markers). The one place the benches score a crop.
-    ``truth``: a bool mask or a ``synth.Damage`` (``score_truth``); ``sizes``, if given,
-    accumulates ``recall_by_size``."""
+def detect_crop(model, img: np.ndarray, threshold: float = 0.5, dust: list | None = None, device="cpu",
+                precision: str = "auto") -> np.ndarray:
+    """The mask as the daemon decides it before its spot filter (the marked spots join it
+    when there are markers)."""
     prob = predict_proba(model, img, "RGB", device, precision=precision)
-    mask, _ = decide_mask(prob, threshold, img if dust else None, "RGB", dust)
+    return decide_mask(prob, threshold, img if dust else None, "RGB", dust)[0]
+
+
+def filtered(mask: np.ndarray, img: np.ndarray, spot_filter, dust: list | None = None) -> np.ndarray:
+    """``mask`` after the spot filter (a copy), as the daemon clears spots; unchanged without one."""
+    if spot_filter is None:
+        return mask
+    mask = mask.copy()
+    apply_filter(img, "RGB", mask, spot_filter, dust)
+    return mask
+
+
+def score_mask(mask: np.ndarray, truth, sizes: np.ndarray | None = None):
+    """Scores of one decided mask; ``sizes``, if given, accumulates ``recall_by_size``."""
     if sizes is not None:
         sizes += recall_by_size(mask, truth)
     return score_truth(mask, truth)
+
+
+def score_detection(model, img: np.ndarray, truth, threshold: float = 0.5,
+                    dust: list | None = None, device="cpu", precision: str = "auto",
+                    sizes: np.ndarray | None = None, spot_filter=None):
+    """Detect on one crop and score the mask as the daemon would decide it (the marked
+    spots join the mask when there are markers; ``spot_filter`` clears spots as the
+    daemon's does). The one place the benches score a crop. ``truth``: a bool mask or a
+    ``synth.Damage`` (``score_truth``); ``sizes``, if given, accumulates ``recall_by_size``."""
+    mask = filtered(detect_crop(model, img, threshold, dust, device, precision), img, spot_filter, dust)
+    return score_mask(mask, truth, sizes)
+
+
+def spot_filter_of(meta: dict, use: bool = True):
+    """The base model's spot filter as the daemon loads it, or None when not used or absent."""
+    return load_spot_filter(meta)[0] if use else None
+
+
+def add_spot_filter_arg(ap: argparse.ArgumentParser, both: bool = False) -> None:
+    ap.add_argument("--spot-filter", default="both" if both else "on",
+                    choices=["on", "off", "both"] if both else ["on", "off"],
+                    help="clear detected spots the base model's spot filter finds unlike dust, as the daemon "
+                         "does (on), or not (off)" + ("; both: score each mask both ways" if both else ""))
 
 
 def add_truth_arg(ap: argparse.ArgumentParser) -> None:
@@ -159,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-dust-fraction", type=float, default=None, metavar="F",
                     help=f"the mask's cap as the daemon's (default {pipeline.MAX_DUST_FRACTION}; 1 = none)")
     add_truth_arg(ap)
+    add_spot_filter_arg(ap, both=True)
     args = ap.parse_args(argv)
     global TRUTH
     TRUTH = args.truth
@@ -177,24 +212,35 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"transfer", "scratch"}:
         raise SystemExit("--modes: transfer and/or scratch")
+    sf = spot_filter_of(meta)
+    if args.spot_filter != "off" and sf is None:
+        raise SystemExit("the base model has no spot filter: --spot-filter off")
+    # model labels: "base", "transfer", ...; "+ filter" where both ways are scored
+    filters = {"": None} if args.spot_filter == "off" else {"": sf} if args.spot_filter == "on" else \
+        {"": None, " + filter": sf}
     rows, curves, ft_times, sizes = [], {}, {m: [] for m in modes}, {}
     t_all = time.monotonic()
     for kind in ("film", "sensor"):
         rng = np.random.default_rng([args.seed, 0 if kind == "film" else 1])
         cases = [make_case(photos[i % len(photos)], kind, rng, args.size, stamps) for i in range(args.images)]
-        scores = {("base", 0): empty_scores()}
+        scores = {}
+
+        def add(mode: str, n: int, mask: np.ndarray, img: np.ndarray, truth, dust, scores=scores,
+                kind=kind) -> None:
+            for name, sf in filters.items():
+                key = (f"{mode}{name}", n)
+                scores[key] = scores.get(key, empty_scores()).add(
+                    score_mask(filtered(mask, img, sf, dust), truth,
+                               sizes.setdefault((kind, *key), np.zeros(4, np.int64))))
+
         for img, truth in cases:
-            scores[("base", 0)] = scores[("base", 0)].add(
-                score_detection(base, img, truth, device=device, precision=args.precision,
-                                sizes=sizes.setdefault((kind, "base", 0), np.zeros(4, np.int64))))
+            add("base", 0, detect_crop(base, img, device=device, precision=args.precision), img, truth, None)
             for n in MARKER_COUNTS:
                 dust = pick_markers(truth, n, rng)
                 for mode in modes:
                     res = fine_tune(base, img, "RGB", dust, mode=mode, device=device, cfg=cfg)
-                    key = (mode, n)
-                    scores[key] = scores.get(key, empty_scores()).add(
-                        score_detection(res.model, img, truth, res.threshold, dust, device, args.precision,
-                                        sizes.setdefault((kind, mode, n), np.zeros(4, np.int64))))
+                    add(mode, n, detect_crop(res.model, img, res.threshold, dust, device, args.precision),
+                        img, truth, dust)
                     if n == 5:
                         ft_times[mode].append(res.seconds)
                         curves.setdefault((kind, mode), []).append(res.losses)
@@ -208,10 +254,11 @@ def main(argv=None) -> int:
           f"{'bf16' if use_bf16(device, args.precision) else 'fp32'} detection; "
           f"fine-tune at most {cfg.steps_transfer} steps (transfer) / {cfg.steps_scratch} (scratch)"
           f"{'; settings ' + args.ft if args.ft else ''}; mask capped at "
-          f"{pipeline.MAX_DUST_FRACTION:.0%} of a crop; truth: {TRUTH_NOTE[TRUTH]}\n")
+          f"{pipeline.MAX_DUST_FRACTION:.0%} of a crop; spot filter: {args.spot_filter}; "
+          f"truth: {TRUTH_NOTE[TRUTH]}\n")
     print("| damage | model | markers | spot P | spot R | spot F1 | pixel P | pixel R | pixel F1 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    order = {"base": 0, "transfer": 1, "scratch": 2}
+    order = {f"{m}{f}": 2 * i + j for i, m in enumerate(("base", "transfer", "scratch")) for j, f in enumerate(filters)}
     for kind, mode, n, s in sorted(rows, key=lambda r: (r[0], r[2], order[r[1]])):
         print(f"| {kind} | {mode} | {n} | {s.spot_precision:.3f} | {s.spot_recall:.3f} | {s.spot_f1:.3f} | "
               f"{s.pixels.precision:.3f} | {s.pixels.recall:.3f} | {s.pixels.f1:.3f} |")

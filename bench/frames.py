@@ -33,13 +33,19 @@ import torch
 from healdust import synth
 from healdust.metrics import empty_scores, predicted_spots
 from healdust.model.finetune import fine_tune
-from healdust.model.infer import predict_proba
-from healdust.pipeline import decide_mask
 from healdust.store import load_base_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detection  # noqa: E402
-from detection import add_truth_arg, pick_markers, score_detection  # noqa: E402
+from detection import (  # noqa: E402
+    add_spot_filter_arg,
+    add_truth_arg,
+    detect_crop,
+    filtered,
+    pick_markers,
+    score_mask,
+    spot_filter_of,
+)
 
 
 def largest_false_alarms(mask: np.ndarray, dmg, k: int) -> list[tuple[float, float, float]]:
@@ -67,10 +73,16 @@ def main(argv=None) -> int:
     ap.add_argument("--not-dust", type=int, default=0, metavar="K",
                     help="also fine-tune again with the K largest false alarms circled as not dust")
     add_truth_arg(ap)
+    add_spot_filter_arg(ap, both=True)
     args = ap.parse_args(argv)
     detection.TRUTH = args.truth
     counts = tuple(int(n) for n in args.markers.split(",") if n)
     base, meta = load_base_model(args.base, torch.device("cpu"))
+    sf = spot_filter_of(meta)
+    if args.spot_filter != "off" and sf is None:
+        raise SystemExit("the base model has no spot filter: --spot-filter off")
+    filters = {"": None} if args.spot_filter == "off" else {"": sf} if args.spot_filter == "on" else \
+        {"": None, " + filter": sf}
     paths = synth.list_photos(args.photos)
     if not paths:
         raise SystemExit(f"no photos in {args.photos} (make them with bench/photos.py)")
@@ -90,22 +102,26 @@ def main(argv=None) -> int:
             else:
                 dmg = synth.add_sensor_dust(photo, rng, count=args.sensor_spots)
             img = np.clip(np.rint(dmg.image * 255), 0, 255).astype(np.uint8)
-            scores[0] = scores.get(0, empty_scores()).add(
-                score_detection(base, img, dmg, precision=args.precision))
+
+            def add(key, mask, dust=None, scores=scores, img=img, dmg=dmg):
+                for name, sf in filters.items():
+                    k = f"{key}{name}"
+                    scores[k] = scores.get(k, empty_scores()).add(score_mask(filtered(mask, img, sf, dust), dmg))
+
+            add(0, detect_crop(base, img, precision=args.precision))
             for n in counts:
                 dust = pick_markers(dmg, n, rng)
                 res = fine_tune(base, img, "RGB", dust, mode="transfer")
-                scores[n] = scores.get(n, empty_scores()).add(
-                    score_detection(res.model, img, dmg, res.threshold, dust, precision=args.precision))
+                mask = detect_crop(res.model, img, res.threshold, dust, precision=args.precision)
+                add(n, mask, dust)
             if args.not_dust and counts:
                 n = max(counts)
-                prob = predict_proba(res.model, img, "RGB", precision=args.precision)
-                mask, _ = decide_mask(prob, res.threshold, img, "RGB", dust)
-                not_dust = largest_false_alarms(mask, dmg, args.not_dust)
+                # what the user sees: the mask after the filter, when there is one
+                shown = filtered(mask, img, list(filters.values())[-1], dust)
+                not_dust = largest_false_alarms(shown, dmg, args.not_dust)
                 res2 = fine_tune(base, img, "RGB", dust, not_dust, mode="transfer")
-                key = f"{n} + {len(not_dust)} not dust"
-                scores[key] = scores.get(key, empty_scores()).add(
-                    score_detection(res2.model, img, dmg, res2.threshold, dust, precision=args.precision))
+                add(f"{n} + {len(not_dust)} not dust",
+                    detect_crop(res2.model, img, res2.threshold, dust, precision=args.precision), dust)
         rows += [(kind, n, s, megapixels) for n, s in scores.items()]
         print(f"# {kind}: done ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 
@@ -113,7 +129,7 @@ def main(argv=None) -> int:
     print(f"\nWhole frames: {len(paths)} held-out photos ({size}; {megapixels:.0f} MP in all), "
           f"{args.film_defects} film defects or {args.sensor_spots} sensor dust spots per frame; base model "
           f"{meta['id']}; {platform.machine()}, {torch.get_num_threads()} threads; the daemon's mask "
-          f"(capped at 1 %); truth: {detection.TRUTH_NOTE[detection.TRUTH]}\n")
+          f"(capped at 1 %); spot filter: {args.spot_filter}; truth: {detection.TRUTH_NOTE[detection.TRUTH]}\n")
     print("| damage | markers | true spots | spot P | spot R | spot F1 | false alarms per MP | pixel F1 |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, n, s, mp in rows:

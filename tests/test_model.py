@@ -197,7 +197,7 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
         write_image(tmp_path / "photos" / f"p{i}.png", photo[y:y + 300, x:x + 400])
     write_image(tmp_path / "photos" / "heldout" / "h.png", photo[500:800, 800:1200])
     args = ["--photos", tmp_path / "photos", "--steps", "4", "--batch", "2", "--crop", "64",
-            "--eval-crops", "2", "--checkpoint-every", "2", "--device", "cpu"]
+            "--eval-crops", "2", "--spot-crops", "3", "--checkpoint-every", "2", "--device", "cpu"]
 
     def run(out, *extra):
         r = subprocess.run([sys.executable, "-m", "healdust", "train-base", "--out", str(out),
@@ -232,6 +232,38 @@ def test_train_base_is_reproducible_and_resumable(tmp_path, home):
     assert "--labels seen" in card and meta_c["train"]["stages"][1]["labels"] == "seen"
     assert "labels" not in meta_c["train"]["stages"][0] and "--labels" not in card.split("STAGE1.safetensors")[0]
     assert meta_c["heldout"]["truth"] == "seen" and "dust too faint to see is ignored" in card
+    assert "## Spot filter" in card
+
+
+def test_train_base_steps_0_keeps_the_weights_and_fits_the_spot_filter(tmp_path, home):
+    from healdust import synth
+    from healdust.demo import sample_path
+    from healdust.imageio import write_image
+    from healdust.spots import SpotFilter
+
+    photo = synth.load_photo(sample_path())
+    write_image(tmp_path / "photos" / "p.png", photo[:400, :600])
+    write_image(tmp_path / "photos" / "heldout" / "h.png", photo[400:800, 600:1200])
+    out = tmp_path / "refit.safetensors"
+    cmd = [sys.executable, "-m", "healdust", "train-base", "--photos", str(tmp_path / "photos"), "--out", str(out),
+           "--steps", "0", "--eval-crops", "2", "--spot-crops", "6", "--seed", "5", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "give --init" in r.stderr and not out.exists()
+    r = subprocess.run([*cmd, "--init", str(base_weights_path())], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "spot F1" in r.stdout and "with the spot filter" in r.stdout
+    shipped, meta_s = load_weights(base_weights_path())
+    refit, meta = load_weights(out)
+    assert shipped.keys() == refit.keys() and all(torch.equal(shipped[k], refit[k]) for k in shipped)
+    assert meta["id"] == meta_s["id"] and meta["train"] == meta_s["train"]
+    sf = meta["spot_filter"]
+    assert sf["fitted"] == {**sf["fitted"], "crops": 6, "seed": 5, "separately": True}
+    SpotFilter.from_dict(sf)
+    assert set(sf["heldout"]) == {"without", "with"} and set(sf["heldout"]["with"]) == {"film", "sensor"}
+    card = out.with_suffix(".md").read_text()
+    stages = len(meta["train"]["stages"])
+    assert f"--steps 0 --init STAGE{stages}.safetensors --seed 5 --spot-crops 6" in card
+    assert "Spots scored below" in card
 
 
 def test_seen_labels_leave_faint_dust_out_of_the_loss():

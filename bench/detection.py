@@ -156,9 +156,14 @@ def score_detection(model, img: np.ndarray, truth, threshold: float = 0.5,
     return score_mask(mask, truth, sizes)
 
 
-def spot_filter_of(meta: dict, use: bool = True):
-    """The base model's spot filter as the daemon loads it, or None when not used or absent."""
-    return load_spot_filter(meta)[0] if use else None
+def filter_variants(meta: dict, choice: str) -> dict:
+    """{label suffix: spot filter or None} to score each mask with, for ``--spot-filter``
+    ``choice``: the base model's filter as the daemon loads it (on), none (off), or both
+    ("" without, " + filter" with)."""
+    sf = load_spot_filter(meta)[0]
+    if choice != "off" and sf is None:
+        raise SystemExit("the base model has no spot filter: --spot-filter off")
+    return {"": None} if choice == "off" else {"": sf} if choice == "on" else {"": None, " + filter": sf}
 
 
 def add_spot_filter_arg(ap: argparse.ArgumentParser, both: bool = False) -> None:
@@ -212,12 +217,7 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"transfer", "scratch"}:
         raise SystemExit("--modes: transfer and/or scratch")
-    sf = spot_filter_of(meta)
-    if args.spot_filter != "off" and sf is None:
-        raise SystemExit("the base model has no spot filter: --spot-filter off")
-    # model labels: "base", "transfer", ...; "+ filter" where both ways are scored
-    filters = {"": None} if args.spot_filter == "off" else {"": sf} if args.spot_filter == "on" else \
-        {"": None, " + filter": sf}
+    filters = filter_variants(meta, args.spot_filter)  # model labels: "base", "base + filter", ...
     rows, curves, ft_times, sizes = [], {}, {m: [] for m in modes}, {}
     t_all = time.monotonic()
     for kind in ("film", "sensor"):

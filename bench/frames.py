@@ -41,10 +41,10 @@ from detection import (  # noqa: E402
     add_spot_filter_arg,
     add_truth_arg,
     detect_crop,
+    filter_variants,
     filtered,
     pick_markers,
     score_mask,
-    spot_filter_of,
 )
 
 
@@ -78,11 +78,7 @@ def main(argv=None) -> int:
     detection.TRUTH = args.truth
     counts = tuple(int(n) for n in args.markers.split(",") if n)
     base, meta = load_base_model(args.base, torch.device("cpu"))
-    sf = spot_filter_of(meta)
-    if args.spot_filter != "off" and sf is None:
-        raise SystemExit("the base model has no spot filter: --spot-filter off")
-    filters = {"": None} if args.spot_filter == "off" else {"": sf} if args.spot_filter == "on" else \
-        {"": None, " + filter": sf}
+    filters = filter_variants(meta, args.spot_filter)
     paths = synth.list_photos(args.photos)
     if not paths:
         raise SystemExit(f"no photos in {args.photos} (make them with bench/photos.py)")

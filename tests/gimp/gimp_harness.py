@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from healdust import synth
+from tests.conftest import said_ready
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -122,13 +122,9 @@ class Daemon:
         self.log = home / "serve.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "healdust", "serve", "--endpoint", self.endpoint],
                                      stdout=subprocess.PIPE, stderr=open(self.log, "wb"), text=True, env=env)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(120)
-        if not line or not line[0].startswith("healdust ready"):
+        if not said_ready(self.proc, 120):
             self.stop()
-            pytest.fail(f"healdust serve did not get ready: {line!r}\n{self.log.read_text()[-2000:]}")
+            pytest.fail(f"healdust serve did not get ready within 120 s\n{self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
